@@ -1,0 +1,64 @@
+"""Whole runs of train_gpt.py as a user starts them: one process, torchrun on 2 CPU processes, PRESET=smoke."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, TOKENIZER
+
+STEP = re.compile(r"^step:(\d+)/\d+ train_loss:([\d.]+)", re.M)
+FINAL = re.compile(r"^final_int8_zstd_roundtrip_exact val_loss:([\d.]+) val_bpb:([\d.]+)", re.M)
+
+
+def run(cmd, env, tmp_path, timeout=300):
+    full_env = {k: v for k, v in os.environ.items() if not k.isupper() or k in ("PATH", "HOME", "LANG")}
+    full_env.update(PATH=os.environ["PATH"], LOG_DIR=str(tmp_path / "logs"), **env)
+    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def tiny_run_env(data_path, **extra):
+    return {**dict(DATA_PATH=str(data_path), TOKENIZER_PATH=str(TOKENIZER), DEVICE="cpu", COMPILE="0",
+                   NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", TRAIN_SEQ_LEN="32",
+                   EVAL_SEQ_LEN="64", TRAIN_BATCH_TOKENS="256", ITERATIONS="6", WARMUP_STEPS="1",
+                   MAX_WALLCLOCK_SECONDS="0", WARMDOWN_ITERS="3", VAL_LOSS_EVERY="3", TRAIN_LOG_EVERY="1",
+                   OMP_NUM_THREADS="1"), **extra}
+
+
+def test_two_gloo_processes_follow_the_single_process_trajectory(small_data, tmp_path):
+    single = run([sys.executable, "train_gpt.py"],
+                 tiny_run_env(small_data, GRAD_ACCUM_STEPS="2", RUN_ID="one"), tmp_path)
+    double = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_gpt.py"],
+                 tiny_run_env(small_data, GRAD_ACCUM_STEPS="1", RUN_ID="two"), tmp_path)
+    assert "world_size:2 grad_accum_steps:1" in double and "world_size:1 grad_accum_steps:2" in single
+    one, two = STEP.findall(single), STEP.findall(double)
+    assert [s for s, _ in one] == [s for s, _ in two] == [str(i) for i in range(1, 7)]
+    for (_, a), (_, b) in zip(one, two):
+        assert float(a) == pytest.approx(float(b), abs=2e-4)  # logged with 4 decimals
+    (loss1, bpb1), (loss2, bpb2) = FINAL.findall(single)[0], FINAL.findall(double)[0]
+    assert float(loss1) == pytest.approx(float(loss2), rel=1e-5)
+    assert float(bpb1) == pytest.approx(float(bpb2), rel=1e-5)
+
+
+def test_smoke_preset_runs_end_to_end(tmp_path):
+    out = run([sys.executable, "train_gpt.py"], dict(PRESET="smoke", ITERATIONS="3", RUN_ID="smoke"), tmp_path)
+    for line in ("val_tokens:628456 val_bytes:1489418", "step:3/3 train_loss:", "step:3/3 val_loss:",
+                 "Serialized model int8+zstd:", "Code size:", "Total submission size int8+zstd:",
+                 "final_int8_zstd_roundtrip val_loss:", "final_int8_zstd_roundtrip_exact val_loss:"):
+        assert line in out
+    assert "scored_tokens:628456 scored_bytes:1489418" in out
+    logged = (tmp_path / "logs" / "smoke.txt").read_text()
+    assert logged.startswith((ROOT / "train_gpt.py").read_text())  # the log opens with the source
+    assert "python:" in logged and "  model_dim:128" in logged and "final_int8_zstd_roundtrip_exact" in logged
+    assert (tmp_path / "logs" / "smoke.ptz").stat().st_size > 0
+
+
+def test_non_finite_loss_stops_with_the_step(small_data, tmp_path):
+    env = tiny_run_env(small_data, TIED_EMBED_LR="1e30", MATRIX_LR="1e30", ITERATIONS="20", VAL_LOSS_EVERY="0")
+    full_env = {"PATH": os.environ["PATH"], "LOG_DIR": str(tmp_path), **env}
+    proc = subprocess.run([sys.executable, "train_gpt.py"], cwd=ROOT, env=full_env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert re.fullmatch(r"error: train loss is (nan|inf) at step \d+; lower the learning rates .*\n", proc.stderr)

@@ -1,0 +1,75 @@
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, tg
+
+
+def test_defaults_are_the_8xh100_recipe(make_settings):
+    h = make_settings()
+    assert (h.num_layers, h.model_dim, h.vocab_size) == (9, 512, 1024)
+    assert (h.max_wallclock_seconds, h.train_batch_tokens, h.train_seq_len) == (600.0, 524288, 1024)
+    assert h.preset == "" and h.compile is True
+
+
+def test_preset_then_env_overrides(make_settings):
+    h = make_settings(preset="smoke", model_dim=64, compile="true")
+    assert h.model_dim == 64  # explicit env var beats the preset
+    assert h.num_layers == tg.PRESETS["smoke"]["num_layers"]  # the rest comes from the preset
+    assert h.data_path == "./data/sample/fineweb_sp1024"
+    assert h.compile is True
+
+
+def test_types_are_parsed(make_settings):
+    h = make_settings(iterations="1e3", mlp_mult="3.5", compile="0", run_id="abc")
+    assert h.iterations == 1000 and isinstance(h.iterations, int)
+    assert h.mlp_mult == 3.5 and h.compile is False and h.run_id == "abc"
+
+
+@pytest.mark.parametrize("env, message", [
+    (dict(num_layers="abc"), "NUM_LAYERS='abc' is not an integer"),
+    (dict(iterations="1.5"), "ITERATIONS='1.5' is not an integer"),
+    (dict(matrix_lr="fast"), "MATRIX_LR='fast' is not a number"),
+    (dict(compile="maybe"), "COMPILE='maybe' is not 0 or 1"),
+    (dict(num_layers="0"), "NUM_LAYERS=0 must be > 0"),
+    (dict(warmdown_iters="-1"), "WARMDOWN_ITERS=-1 must be >= 0"),
+    (dict(beta2="1.0"), "BETA2=1.0 must be in [0, 1)"),
+    (dict(num_heads="3"), "NUM_HEADS=3 must divide MODEL_DIM=512"),
+    (dict(num_kv_heads="3"), "NUM_KV_HEADS=3 must divide NUM_HEADS=8"),
+    (dict(device="tpu"), "DEVICE='tpu' must be auto, cpu or cuda"),
+    (dict(preset="huge"), "PRESET='huge' is unknown; choose one of: smoke"),
+    (dict(vocab_size="70000"), "does not fit the uint16 shard format"),
+])
+def test_bad_values_raise_one_clear_error(make_settings, env, message):
+    with pytest.raises(tg.SettingsError) as err:
+        make_settings(**env)
+    assert message in str(err.value)
+
+
+def test_misspelt_env_vars_are_named():
+    env = {"NUM_LAYER": "3", "MATRIX_LRR": "0.1", "NUM_LAYERS": "2", "PATH": "/bin", "HOME": "/root",
+           "RANK": "0", "WORLD_SIZE": "2", "TORCH_HOME": "x"}
+    assert tg.misspelt_settings(env) == [("MATRIX_LRR", "MATRIX_LR"), ("NUM_LAYER", "NUM_LAYERS")]
+
+
+def test_batch_must_split_into_whole_sequences(tiny):
+    h = tiny(train_batch_tokens=100)
+    with pytest.raises(tg.SettingsError, match="TRAIN_BATCH_TOKENS=100 must split"):
+        tg.resolve_grad_accum(h, tg.Runtime())
+    h = tiny(grad_accum_steps=0, train_batch_tokens=8 * 32)
+    assert tg.resolve_grad_accum(h, tg.Runtime(world_size=2)) == 4  # 8 // world_size
+
+
+def test_script_exits_with_one_line_on_a_bad_value(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "NUM_LAYERS": "eleven", "LOG_DIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: NUM_LAYERS='eleven' is not an integer"
+
+
+def test_every_setting_is_documented():
+    readme = (ROOT / "README.md").read_text()
+    missing = [f.name.upper() for f in dataclasses.fields(tg.Settings) if f"`{f.name.upper()}`" not in readme]
+    assert missing == []

@@ -1,0 +1,986 @@
+"""train_gpt.py: one-file Parameter Golf trainer (FineWeb, val_bpb, 16,000,000-byte artifact).
+
+Stages: settings from env vars -> data shards -> GPT -> Muon + AdamW inside a wall-clock budget
+-> int8 per-row quantization + zstd artifact -> the final score, evaluated from the artifact.
+
+  torchrun --standalone --nproc_per_node=8 train_gpt.py     # the 8xH100 recipe (the defaults)
+  PRESET=smoke python3 train_gpt.py                         # a few minutes on a CPU, bundled sample
+Every setting is an UPPERCASE env var (NUM_LAYERS=11 ...); PRESET=name picks a bundle of defaults
+that explicit env vars still override.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+import os
+import platform
+import struct
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import zstandard
+
+# -----------------------------------------------------------------------------
+# SETTINGS
+# -----------------------------------------------------------------------------
+
+
+class SettingsError(ValueError):
+    """A bad setting: the message names the env var and what to do."""
+
+
+@dataclasses.dataclass
+class Settings:
+    # data
+    data_path: str = "./data/datasets/fineweb10B_sp1024"
+    tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"
+    vocab_size: int = 1024
+    # run
+    preset: str = ""
+    run_id: str = ""  # empty: a fresh id per run
+    seed: int = 1337
+    log_dir: str = "logs"
+    device: str = "auto"  # auto | cpu | cuda
+    compile: bool = True
+    # schedule (defaults: the published 8xH100 baseline recipe)
+    iterations: int = 20000
+    max_wallclock_seconds: float = 600.0  # 0 = no cap
+    warmup_steps: int = 20  # compile warm-up steps whose model and optimizer state are thrown away
+    warmdown_iters: int = 1200
+    train_batch_tokens: int = 524288  # global, whatever the world size
+    train_seq_len: int = 1024
+    grad_accum_steps: int = 0  # 0 = 8 // world_size, so one GPU sees the same micro-batches as eight
+    val_loss_every: int = 1000  # 0 = only at the end
+    train_log_every: int = 200
+    eval_seq_len: int = 1024
+    eval_batch_tokens: int = 524288  # per rank and forward pass
+    # model
+    num_layers: int = 9
+    model_dim: int = 512
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    mlp_mult: float = 2.0
+    rope_base: float = 10000.0
+    logit_softcap: float = 30.0
+    tied_embed_init_std: float = 0.005
+    # optimizers
+    tied_embed_lr: float = 0.05
+    matrix_lr: float = 0.04
+    scalar_lr: float = 0.04
+    muon_momentum: float = 0.95
+    muon_momentum_warmup_start: float = 0.85
+    muon_momentum_warmup_steps: int = 500
+    muon_backend_steps: int = 5
+    muon_wd: float = 0.0
+    adam_wd: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip_norm: float = 0.0  # 0 = off
+    # artifact
+    artifact_path: str = ""  # empty: <log_dir>/<run_id>.ptz
+    zstd_level: int = 22
+    size_limit: int = 16_000_000
+
+    def __post_init__(self) -> None:
+        # Filled here, when created, not at import: tests and tools set env vars first.
+        env = os.environ
+        self.preset = env.get("PRESET", self.preset)
+        if self.preset:
+            if self.preset not in PRESETS:
+                raise SettingsError(f"PRESET={self.preset!r} is unknown; choose one of: {', '.join(PRESETS)}")
+            for name, value in PRESETS[self.preset].items():
+                setattr(self, name, value)
+        for f in dataclasses.fields(self):
+            key = f.name.upper()
+            if key != "PRESET" and key in env:
+                setattr(self, f.name, _parse_setting(key, env[key], type(f.default)))
+        self.validate()
+
+    def validate(self) -> None:
+        positive = ("vocab_size", "iterations", "train_batch_tokens", "train_seq_len", "eval_seq_len",
+                    "eval_batch_tokens", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult",
+                    "rope_base", "muon_backend_steps", "size_limit", "train_log_every")
+        non_negative = ("max_wallclock_seconds", "warmup_steps", "warmdown_iters", "grad_accum_steps",
+                        "val_loss_every", "logit_softcap", "tied_embed_init_std", "tied_embed_lr", "matrix_lr",
+                        "scalar_lr", "muon_momentum_warmup_steps", "muon_wd", "adam_wd", "adam_eps",
+                        "grad_clip_norm")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise SettingsError(f"{name.upper()}={getattr(self, name)} must be > 0")
+        for name in non_negative:
+            if not getattr(self, name) >= 0:
+                raise SettingsError(f"{name.upper()}={getattr(self, name)} must be >= 0")
+        for name in ("muon_momentum", "muon_momentum_warmup_start", "beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise SettingsError(f"{name.upper()}={getattr(self, name)} must be in [0, 1)")
+        if self.vocab_size > 65536:
+            raise SettingsError(f"VOCAB_SIZE={self.vocab_size} does not fit the uint16 shard format (max 65536)")
+        if self.model_dim % self.num_heads:
+            raise SettingsError(f"NUM_HEADS={self.num_heads} must divide MODEL_DIM={self.model_dim}")
+        if self.num_heads % self.num_kv_heads:
+            raise SettingsError(f"NUM_KV_HEADS={self.num_kv_heads} must divide NUM_HEADS={self.num_heads}")
+        if (self.model_dim // self.num_heads) % 2:
+            raise SettingsError(f"head dim MODEL_DIM/NUM_HEADS={self.model_dim // self.num_heads} must be even for RoPE")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise SettingsError(f"DEVICE={self.device!r} must be auto, cpu or cuda")
+        if not 1 <= self.zstd_level <= 22:
+            raise SettingsError(f"ZSTD_LEVEL={self.zstd_level} must be in 1..22")
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# Named bundles of defaults; explicit env vars override them.
+PRESETS: dict[str, dict] = {
+    # A few minutes on a 2-core CPU with the bundled sample: the whole pipeline, small.
+    "smoke": dict(
+        data_path="./data/sample/fineweb_sp1024", device="auto", compile=False,
+        iterations=300, max_wallclock_seconds=120.0, warmup_steps=2, warmdown_iters=100,
+        train_batch_tokens=8192, train_seq_len=256, grad_accum_steps=1, val_loss_every=0,
+        train_log_every=25, eval_seq_len=256, eval_batch_tokens=16384,
+        num_layers=4, model_dim=128, num_heads=4, num_kv_heads=2, muon_momentum_warmup_steps=50,
+    ),
+}
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _parse_setting(key: str, raw: str, kind: type):
+    text = raw.strip()
+    try:
+        if kind is bool:
+            if text.lower() in _TRUE + _FALSE:
+                return text.lower() in _TRUE
+            raise ValueError
+        if kind is int:
+            value = float(text)  # accepts 1e6; refuses 1.5 below
+            if value != int(value):
+                raise ValueError
+            return int(value)
+        return kind(text)
+    except (ValueError, OverflowError):
+        expected = {bool: "0 or 1", int: "an integer", float: "a number"}.get(kind, kind.__name__)
+        raise SettingsError(f"{key}={raw!r} is not {expected}") from None
+
+
+# Env vars read by torchrun, CUDA and friends are not ours and never get a warning.
+_FOREIGN_ENV_PREFIXES = ("TORCH", "CUDA", "NCCL", "OMP_", "MKL", "PYTHON", "HF_", "LC_", "XDG_", "GLOO", "PYTEST")
+
+
+def misspelt_settings(env: dict[str, str] | None = None) -> list[tuple[str, str]]:
+    """(env var, the setting it resembles) for env vars that look like typos of a setting."""
+    env = os.environ if env is None else env
+    names = [f.name.upper() for f in dataclasses.fields(Settings)]
+    out = []
+    for key in sorted(env):
+        if key in names or not key.isupper() or key.startswith(_FOREIGN_ENV_PREFIXES):
+            continue
+        close = difflib.get_close_matches(key, names, n=1, cutoff=0.85)
+        if close:
+            out.append((key, close[0]))
+    return out
+
+
+# -----------------------------------------------------------------------------
+# DISTRIBUTED + LOGGING
+# -----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Runtime:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self):
+        # bf16 on CUDA; fp32 on CPU, where bf16 matmuls are an order of magnitude slower.
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+
+def init_runtime(h: Settings) -> Runtime:
+    """One code path for 1 CPU process, torchrun on CPUs (gloo), 1 GPU, and N GPUs/nodes (NCCL)."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    use_cuda = h.device == "cuda" or (h.device == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise SettingsError("DEVICE=cuda but no CUDA device is visible; use DEVICE=cpu or DEVICE=auto")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        device = torch.device("cpu")
+    if world > 1:
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+    return Runtime(rank, world, local_rank, device)
+
+
+_LOG_PATH: Path | None = None
+_LOG_ENABLED = True
+
+
+def log(msg: str, console: bool = True) -> None:
+    """The one logger: rank 0 writes to stdout and to logs/<RUN_ID>.txt."""
+    if not _LOG_ENABLED:
+        return
+    if console:
+        print(msg, flush=True)
+    if _LOG_PATH is not None:
+        with open(_LOG_PATH, "a", encoding="utf-8") as f:
+            print(msg, file=f)
+
+
+def resolve_run_id(h: Settings, rt: Runtime) -> str:
+    run_id = h.run_id or time.strftime("%Y%m%d_%H%M%S_") + uuid.uuid4().hex[:8]
+    if rt.distributed:  # every rank must name the same log and artifact
+        box = [run_id]
+        dist.broadcast_object_list(box, src=0)
+        run_id = box[0]
+    return run_id
+
+
+def start_log(h: Settings, rt: Runtime) -> None:
+    global _LOG_PATH, _LOG_ENABLED
+    _LOG_ENABLED = rt.is_main
+    if not rt.is_main:
+        return
+    Path(h.log_dir).mkdir(parents=True, exist_ok=True)
+    _LOG_PATH = Path(h.log_dir) / f"{h.run_id}.txt"
+    _LOG_PATH.write_text("", encoding="utf-8")
+    # The log opens with the exact source, versions and settings so that it reproduces the run.
+    log(Path(__file__).read_text(encoding="utf-8"), console=False)
+    log("=" * 100, console=False)
+    log(f"python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__}", console=False)
+    if rt.device.type == "cuda":
+        try:
+            smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=20).stdout
+        except (OSError, subprocess.SubprocessError):
+            smi = "nvidia-smi: unavailable"
+        log(smi, console=False)
+    log("settings:")
+    for key, value in sorted(h.as_dict().items()):
+        log(f"  {key}:{value}")
+    for key, close in misspelt_settings():
+        log(f"warning: env var {key} is not a setting; did you mean {close}?")
+
+
+# -----------------------------------------------------------------------------
+# DATA
+# -----------------------------------------------------------------------------
+
+SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_BYTES = 20240520, 1, 1024
+
+
+class DataError(ValueError):
+    """Missing or malformed data: the message names the file and the fix."""
+
+
+def read_shard(path: str | Path, vocab_size: int) -> np.ndarray:
+    """Read a challenge shard: 256 int32 header words (magic, version, count), then uint16 tokens."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size < SHARD_HEADER_BYTES:
+        raise DataError(f"{path}: {size} bytes is shorter than the {SHARD_HEADER_BYTES}-byte shard header")
+    header = np.fromfile(path, dtype="<i4", count=3)
+    magic, version, count = (int(v) for v in header)
+    if magic != SHARD_MAGIC:
+        raise DataError(f"{path}: bad magic {magic} (expected {SHARD_MAGIC}); not a challenge shard")
+    if version != SHARD_VERSION:
+        raise DataError(f"{path}: unsupported shard version {version} (expected {SHARD_VERSION})")
+    if size != SHARD_HEADER_BYTES + 2 * count:
+        raise DataError(f"{path}: file is {size} bytes but its header promises {count} tokens "
+                        f"({SHARD_HEADER_BYTES + 2 * count} bytes); the file is truncated or corrupt, download it again")
+    tokens = np.fromfile(path, dtype="<u2", count=count, offset=SHARD_HEADER_BYTES)
+    if count and int(tokens.max()) >= vocab_size:
+        raise DataError(f"{path}: token id {int(tokens.max())} >= VOCAB_SIZE={vocab_size}; "
+                        "the shards were made with another tokenizer")
+    return tokens
+
+
+def shard_paths(data_path: str, split: str) -> list[Path]:
+    paths = sorted(Path(data_path).glob(f"fineweb_{split}_*.bin"))
+    if not paths:
+        raise DataError(f"no fineweb_{split}_*.bin shards in DATA_PATH={data_path}; download them with "
+                        "`python3 data/cached_challenge_fineweb.py --variant sp1024` or run on the bundled "
+                        "sample with PRESET=smoke (DATA_PATH=./data/sample/fineweb_sp1024)")
+    return paths
+
+
+class TokenStream:
+    """Reads the train shards in order as one endless stream (wrapping around)."""
+
+    def __init__(self, paths: list[Path], vocab_size: int):
+        self.paths, self.vocab_size = paths, vocab_size
+        self.shard, self.pos = 0, 0
+        self.tokens = read_shard(paths[0], vocab_size)
+
+    def take(self, n: int) -> np.ndarray:
+        parts = []
+        while n > 0:
+            if self.pos >= len(self.tokens):
+                self.shard = (self.shard + 1) % len(self.paths)
+                self.tokens, self.pos = read_shard(self.paths[self.shard], self.vocab_size), 0
+                continue
+            k = min(n, len(self.tokens) - self.pos)
+            parts.append(self.tokens[self.pos:self.pos + k])
+            self.pos, n = self.pos + k, n - k
+        return np.concatenate(parts)
+
+
+class TrainLoader:
+    """Each micro-step takes world_size consecutive spans of the stream; rank r trains on span r.
+
+    Span i of an optimizer step is the same tokens whether it is rank i's span with one micro-step
+    or micro-step i of a single process, so every world size sees the same global batch.
+    """
+
+    def __init__(self, h: Settings, rt: Runtime, accum: int):
+        self.rt, self.seq_len = rt, h.train_seq_len
+        self.local_tokens = h.train_batch_tokens // (rt.world_size * accum)
+        self.stream = TokenStream(shard_paths(h.data_path, "train"), h.vocab_size)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        span = self.local_tokens + 1
+        chunk = self.stream.take(span * self.rt.world_size)[self.rt.rank * span:(self.rt.rank + 1) * span]
+        local = torch.from_numpy(chunk.astype(np.int64))
+        x = local[:-1].view(-1, self.seq_len).to(self.rt.device, non_blocking=True)
+        y = local[1:].view(-1, self.seq_len).to(self.rt.device, non_blocking=True)
+        return x, y
+
+
+# -----------------------------------------------------------------------------
+# TOKENIZER-AGNOSTIC BITS PER BYTE
+# -----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ValData:
+    tokens: torch.Tensor  # int64, all val shards concatenated; every token after the first is scored
+    base_bytes: torch.Tensor  # int16 per token id: UTF-8 bytes of the piece without a leading "▁"
+    has_space: torch.Tensor  # bool per id: the piece starts with "▁"
+    is_boundary: torch.Tensor  # bool per id: control/unknown/unused ids (BOS...) that own no text
+
+    def target_bytes(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        # The leading "▁" is one byte unless the previous token is a boundary (BOS starts a document).
+        return self.base_bytes[y].long() + (self.has_space[y] & ~self.is_boundary[x]).long()
+
+
+def load_tokenizer(h: Settings) -> spm.SentencePieceProcessor:
+    if not Path(h.tokenizer_path).is_file():
+        raise DataError(f"TOKENIZER_PATH={h.tokenizer_path} does not exist; download it with "
+                        "`python3 data/cached_challenge_fineweb.py --variant sp1024` or point TOKENIZER_PATH at a .model")
+    sp = spm.SentencePieceProcessor(model_file=h.tokenizer_path)
+    if sp.vocab_size() != h.vocab_size:
+        raise DataError(f"tokenizer {h.tokenizer_path} has {sp.vocab_size()} pieces but VOCAB_SIZE={h.vocab_size}; "
+                        "set VOCAB_SIZE to match or use the tokenizer the shards were made with")
+    if sp.piece_to_id("\u2581") == sp.unk_id():
+        # Without a lone "▁" a space is 3 byte-fallback tokens and the byte count comes out wrong.
+        raise DataError(f"tokenizer {h.tokenizer_path} has no standalone '\u2581' piece; bpb would be miscounted")
+    return sp
+
+
+def build_byte_luts(sp: spm.SentencePieceProcessor, vocab_size: int):
+    n = max(sp.vocab_size(), vocab_size)
+    base = np.zeros(n, dtype=np.int16)
+    space = np.zeros(n, dtype=np.bool_)
+    boundary = np.ones(n, dtype=np.bool_)
+    for i in range(sp.vocab_size()):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            continue
+        boundary[i] = False
+        if sp.is_byte(i):  # <0xNN> byte-fallback piece: exactly one byte
+            base[i] = 1
+            continue
+        piece = sp.id_to_piece(i)
+        if piece.startswith("\u2581"):
+            space[i], piece = True, piece[1:]
+        base[i] = len(piece.encode("utf-8"))
+    return torch.from_numpy(base), torch.from_numpy(space), torch.from_numpy(boundary)
+
+
+def load_val_data(h: Settings, sp: spm.SentencePieceProcessor) -> ValData:
+    tokens = np.concatenate([read_shard(p, h.vocab_size) for p in shard_paths(h.data_path, "val")])
+    if len(tokens) < 2:
+        raise DataError(f"validation shards in DATA_PATH={h.data_path} hold fewer than 2 tokens")
+    return ValData(torch.from_numpy(tokens.astype(np.int64)), *build_byte_luts(sp, h.vocab_size))
+
+
+# -----------------------------------------------------------------------------
+# MODEL
+# -----------------------------------------------------------------------------
+
+
+class Rotary(nn.Module):
+    """RoPE tables, cached per length; base and dims are explicit, no hidden rescaling."""
+
+    def __init__(self, dim: int, base: float):
+        super().__init__()
+        self.register_buffer("inv_freq", 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim),
+                             persistent=False)
+        self._cache: tuple[int, torch.device, torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._cache is None or self._cache[0] != seq_len or self._cache[1] != device:
+            freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), self.inv_freq.to(device))
+            self._cache = (seq_len, device, freqs.cos()[None, None], freqs.sin()[None, None])
+        return self._cache[2], self._cache[3]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.size(-1) // 2  # rotate-half convention: pairs (i, i + half)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, h: Settings):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = h.num_heads, h.num_kv_heads
+        self.head_dim = h.model_dim // h.num_heads
+        kv_dim = self.num_kv_heads * self.head_dim
+        self.c_q = nn.Linear(h.model_dim, h.model_dim, bias=False)
+        self.c_k = nn.Linear(h.model_dim, kv_dim, bias=False)
+        self.c_v = nn.Linear(h.model_dim, kv_dim, bias=False)
+        self.proj = nn.Linear(h.model_dim, h.model_dim, bias=False)
+        self.proj._zero_init = True
+        self.rotary = Rotary(self.head_dim, h.rope_base)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q = self.c_q(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))  # QK-norm
+        cos, sin = self.rotary(T, x.device)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           enable_gqa=self.num_kv_heads != self.num_heads)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, h: Settings):
+        super().__init__()
+        hidden = int(h.mlp_mult * h.model_dim)
+        self.fc = nn.Linear(h.model_dim, hidden, bias=False)
+        self.proj = nn.Linear(hidden, h.model_dim, bias=False)
+        self.proj._zero_init = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.relu(self.fc(x)).square())  # relu²
+
+
+class Block(nn.Module):
+    def __init__(self, h: Settings):
+        super().__init__()
+        self.attn, self.mlp = Attention(h), MLP(h)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(F.rms_norm(x, (x.size(-1),)))
+        return x + self.mlp(F.rms_norm(x, (x.size(-1),)))
+
+
+class GPT(nn.Module):
+    """Tied embeddings, pre-RMSNorm blocks, GQA + RoPE attention, relu² MLP, tanh logit softcap."""
+
+    def __init__(self, h: Settings):
+        super().__init__()
+        self.softcap = h.logit_softcap
+        self.tok_emb = nn.Embedding(h.vocab_size, h.model_dim)
+        self.blocks = nn.ModuleList(Block(h) for _ in range(h.num_layers))
+        nn.init.normal_(self.tok_emb.weight, std=h.tied_embed_init_std)
+        for module in self.modules():
+            if getattr(module, "_zero_init", False):
+                nn.init.zeros_(module.weight)  # each block starts as the identity
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = F.rms_norm(self.tok_emb(input_ids), (self.tok_emb.embedding_dim,))
+        for block in self.blocks:
+            x = block(x)
+        x = F.rms_norm(x, (x.size(-1),))
+        logits = F.linear(x, self.tok_emb.weight).float()
+        return self.softcap * torch.tanh(logits / self.softcap) if self.softcap > 0 else logits
+
+    def forward(self, input_ids: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
+        """Per-token NLL in nats, shape of target_ids; the training loss is its mean."""
+        logits = self.logits(input_ids)
+        return F.cross_entropy(logits.flatten(0, 1), target_ids.flatten(), reduction="none").view_as(target_ids)
+
+
+# -----------------------------------------------------------------------------
+# MUON OPTIMIZER (from modded-nanogpt)
+# -----------------------------------------------------------------------------
+
+
+def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int, eps: float = 1e-7) -> torch.Tensor:
+    """Approximately orthogonalize G (U S V^T -> U V^T) with a quintic Newton-Schulz iteration."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)  # fp32 on CPU: bf16 matmuls are slow there
+    X = X / (X.norm() + eps)
+    transposed = X.size(0) > X.size(1)
+    if transposed:
+        X = X.T
+    for _ in range(steps):
+        A = X @ X.T
+        X = a * X + (b * A + c * A @ A) @ X
+    return (X.T if transposed else X).to(G.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """Momentum, then Newton-Schulz orthogonalized updates for 2-D matrices.
+
+    Work is split round-robin: rank r orthogonalizes params r, r+W, ...; one all-reduce of the
+    flat update buffer shares the results. Gradients must already be averaged across ranks.
+    """
+
+    def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float, rt: Runtime):
+        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps,
+                                      weight_decay=weight_decay))
+        self.rt = rt
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for group in self.param_groups:
+            params = group["params"]
+            flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=torch.float32)
+            offset = 0
+            for i, p in enumerate(params):
+                if i % self.rt.world_size == self.rt.rank and p.grad is not None:
+                    buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
+                    buf.mul_(group["momentum"]).add_(p.grad)
+                    g = p.grad.add(buf, alpha=group["momentum"])  # Nesterov
+                    g = zeropower_via_newtonschulz5(g, group["backend_steps"])
+                    g *= max(1.0, g.size(0) / g.size(1)) ** 0.5
+                    flat[offset:offset + p.numel()] = g.flatten()
+                offset += p.numel()
+            if self.rt.distributed:
+                dist.all_reduce(flat)
+            offset = 0
+            for p in params:
+                if group["weight_decay"]:
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(flat[offset:offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
+                offset += p.numel()
+
+
+def build_optimizers(h: Settings, rt: Runtime, model: GPT) -> list[torch.optim.Optimizer]:
+    """Muon for the block matrices; AdamW for the tied embedding and every vector/scalar."""
+    block_params = [p for p in model.blocks.parameters()]
+    matrices = [p for p in block_params if p.ndim == 2]
+    scalars = [p for p in block_params if p.ndim < 2]
+    adam_groups = [dict(params=[model.tok_emb.weight], lr=h.tied_embed_lr, base_lr=h.tied_embed_lr)]
+    if scalars:
+        adam_groups.append(dict(params=scalars, lr=h.scalar_lr, base_lr=h.scalar_lr))
+    adam = torch.optim.AdamW(adam_groups, betas=(h.beta1, h.beta2), eps=h.adam_eps, weight_decay=h.adam_wd,
+                             fused=rt.device.type == "cuda")
+    muon = Muon(matrices, lr=h.matrix_lr, momentum=h.muon_momentum, backend_steps=h.muon_backend_steps,
+                weight_decay=h.muon_wd, rt=rt)
+    for group in muon.param_groups:
+        group["base_lr"] = h.matrix_lr
+    return [adam, muon]
+
+
+def muon_momentum_at(h: Settings, step: int) -> float:
+    if h.muon_momentum_warmup_steps == 0:
+        return h.muon_momentum
+    frac = min(step / h.muon_momentum_warmup_steps, 1.0)
+    return (1 - frac) * h.muon_momentum_warmup_start + frac * h.muon_momentum
+
+
+def lr_scale(h: Settings, step: int, elapsed_ms: float) -> float:
+    """Linear warmdown to 0 over the last WARMDOWN_ITERS steps, converted to wall-clock under a cap."""
+    if h.warmdown_iters <= 0:
+        return 1.0
+    if h.max_wallclock_seconds <= 0:
+        start = max(h.iterations - h.warmdown_iters, 0)
+        return max((h.iterations - step) / h.warmdown_iters, 0.0) if step >= start else 1.0
+    step_ms = elapsed_ms / max(step, 1)
+    warmdown_ms = h.warmdown_iters * step_ms
+    remaining_ms = max(1000.0 * h.max_wallclock_seconds - elapsed_ms, 0.0)
+    return remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
+
+
+def all_reduce_grads(params: list[nn.Parameter], rt: Runtime) -> None:
+    """Average gradients across ranks with one flat all-reduce (SUM then divide: gloo has no AVG)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    flat /= rt.world_size
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+# -----------------------------------------------------------------------------
+# EVALUATION
+# -----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(h: Settings, rt: Runtime, model: nn.Module, val: ValData) -> tuple[float, float, int, int]:
+    """Non-overlapping EVAL_SEQ_LEN windows; every token after the first is scored exactly once.
+
+    Windows are split contiguously across ranks, the last one may be shorter (no tail is dropped),
+    and the sums are float64 before the all-reduce. Returns (val_loss, val_bpb, tokens, bytes).
+    """
+    n_targets = val.tokens.numel() - 1
+    seq = h.eval_seq_len
+    n_windows = math.ceil(n_targets / seq)
+    first, last = n_windows * rt.rank // rt.world_size, n_windows * (rt.rank + 1) // rt.world_size
+    batch = max(1, h.eval_batch_tokens // seq)
+    sums = torch.zeros(3, dtype=torch.float64, device=rt.device)  # nll, tokens, bytes
+    was_training = model.training
+    model.eval()
+    w = first
+    while w < last:
+        full = w * seq + seq <= n_targets
+        # Full windows go in batches; the one short final window goes alone.
+        count = min(batch, last - w, (n_targets - w * seq) // seq) if full else 1
+        lo, hi = w * seq, min(w * seq + count * seq, n_targets)
+        x = val.tokens[lo:hi].view(count, -1)
+        y = val.tokens[lo + 1:hi + 1].view(count, -1)
+        with rt.autocast():
+            nll = model(x.to(rt.device), y.to(rt.device))
+        sums[0] += nll.double().sum()
+        sums[1] += y.numel()
+        sums[2] += val.target_bytes(x, y).sum().item()
+        w += count
+    model.train(was_training)
+    if rt.distributed:
+        dist.all_reduce(sums)
+    nll, tokens, nbytes = sums.tolist()
+    tokens_, bytes_ = max(tokens, 1.0), max(nbytes, 1.0)  # a rank without windows before the all-reduce
+    return nll / tokens_, nll / (math.log(2) * bytes_), int(tokens), int(nbytes)
+
+
+# -----------------------------------------------------------------------------
+# ARTIFACT: INT8 PER-ROW QUANTIZATION + ZSTD, NO PICKLE
+# -----------------------------------------------------------------------------
+
+ARTIFACT_MAGIC = b"PGOLF\x01"
+QUANT_MIN_NUMEL = 65536  # smaller tensors (norm gains, scalars) are kept as fp16
+
+
+class ArtifactError(ValueError):
+    """An artifact that is not ours, corrupt or truncated, or made for another model shape."""
+
+
+def quantize_int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: q in [-127, 127], scale = row absmax / 127 (fp16)."""
+    scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-8).to(torch.float16)
+    q = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def quantize_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    arrays, meta = {}, {}
+    for name, t in state.items():
+        t = t.detach().cpu()
+        if t.is_floating_point() and t.ndim == 2 and t.numel() > QUANT_MIN_NUMEL:
+            arrays[name + ".q"], arrays[name + ".scale"] = quantize_int8_rows(t.float())
+            meta[name] = dict(kind="int8_row", dtype=str(t.dtype).removeprefix("torch."))
+        else:
+            arrays[name] = t.to(torch.float16) if t.is_floating_point() else t
+            meta[name] = dict(kind="raw", dtype=str(t.dtype).removeprefix("torch."))
+    return arrays, meta
+
+
+def dequantize_state(arrays: dict[str, torch.Tensor], meta: dict[str, dict]) -> dict[str, torch.Tensor]:
+    state = {}
+    for name, m in meta.items():
+        dtype = getattr(torch, m["dtype"])
+        if m["kind"] == "int8_row":
+            state[name] = (arrays[name + ".q"].float() * arrays[name + ".scale"].float()[:, None]).to(dtype)
+        else:
+            state[name] = arrays[name].to(dtype)
+    return state
+
+
+def serialize_artifact(state: dict[str, torch.Tensor], zstd_level: int) -> bytes:
+    """MAGIC | zstd( u32 header length | JSON header | tensor bytes ); the header holds a sha256."""
+    arrays, meta = quantize_state(state)
+    entries, chunks, offset = [], [], 0
+    for name, t in arrays.items():
+        data = t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        entries.append(dict(name=name, dtype=str(t.dtype).removeprefix("torch."), shape=list(t.shape),
+                            offset=offset, nbytes=len(data)))
+        chunks.append(data)
+        offset += len(data)
+    payload = b"".join(chunks)
+    header = json.dumps(dict(format="int8_row+zstd", tensors=entries, meta=meta,
+                             sha256=hashlib.sha256(payload).hexdigest())).encode()
+    raw = struct.pack("<I", len(header)) + header + payload
+    return ARTIFACT_MAGIC + zstandard.ZstdCompressor(level=zstd_level).compress(raw)
+
+
+def deserialize_artifact(blob: bytes) -> dict[str, torch.Tensor]:
+    if not blob.startswith(ARTIFACT_MAGIC):
+        raise ArtifactError("not a train_gpt.py artifact (bad magic)")
+    try:
+        raw = zstandard.ZstdDecompressor().decompress(blob[len(ARTIFACT_MAGIC):])
+        (hlen,) = struct.unpack_from("<I", raw)
+        header = json.loads(raw[4:4 + hlen])
+    except (zstandard.ZstdError, struct.error, ValueError) as e:
+        raise ArtifactError(f"artifact is corrupt or truncated ({e})") from None
+    payload = raw[4 + hlen:]
+    if hashlib.sha256(payload).hexdigest() != header["sha256"]:
+        raise ArtifactError("artifact checksum mismatch: the file is corrupt")
+    arrays = {}
+    for e in header["tensors"]:
+        dtype = getattr(torch, e["dtype"])
+        data = bytearray(payload[e["offset"]:e["offset"] + e["nbytes"]])
+        t = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+        arrays[e["name"]] = t.view(dtype).reshape(e["shape"])
+    return dequantize_state(arrays, header["meta"])
+
+
+def load_artifact_into(model: nn.Module, path: str | Path) -> None:
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"artifact {path} does not exist")
+    state = deserialize_artifact(path.read_bytes())
+    expected = model.state_dict()
+    bad = sorted(set(expected) ^ set(state)) + sorted(
+        k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+    if bad:
+        raise ArtifactError(f"artifact {path} does not match this model's settings (first mismatch: {bad[0]})")
+    model.load_state_dict(state)
+
+
+# -----------------------------------------------------------------------------
+# TRAINING
+# -----------------------------------------------------------------------------
+
+
+def maybe_compile(h: Settings, model: nn.Module) -> nn.Module:
+    return torch.compile(model, fullgraph=True) if h.compile else model
+
+
+def resolve_grad_accum(h: Settings, rt: Runtime) -> int:
+    accum = h.grad_accum_steps or max(1, 8 // rt.world_size)
+    per_micro = h.train_batch_tokens / (rt.world_size * accum)
+    if per_micro != int(per_micro) or int(per_micro) % h.train_seq_len:
+        raise SettingsError(f"TRAIN_BATCH_TOKENS={h.train_batch_tokens} must split into world_size({rt.world_size}) "
+                            f"x grad_accum({accum}) micro-batches of whole TRAIN_SEQ_LEN={h.train_seq_len} sequences")
+    return accum
+
+
+class Trainer:
+    """Owns the model, optimizers and data of one training run."""
+
+    def __init__(self, h: Settings, rt: Runtime, model: GPT, val: ValData):
+        self.h, self.rt, self.model, self.val = h, rt, model, val
+        self.accum = resolve_grad_accum(h, rt)
+        self.compiled = maybe_compile(h, model)
+        self.optimizers = build_optimizers(h, rt, model)
+        self.params = list(model.parameters())
+        self.loader = TrainLoader(h, rt, self.accum)
+
+    def step(self, step: int, elapsed_ms: float) -> torch.Tensor:
+        """One optimizer step over accum micro-batches; returns the mean train loss (on device)."""
+        h = self.h
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=self.rt.device)
+        for _ in range(self.accum):
+            x, y = self.loader.next_batch()
+            with self.rt.autocast():
+                loss = self.compiled(x, y).mean()
+            (loss / self.accum).backward()
+            total += loss.detach()
+        if self.rt.distributed:
+            all_reduce_grads(self.params, self.rt)
+        scale = lr_scale(h, step, elapsed_ms)
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * scale
+        self.optimizers[1].param_groups[0]["momentum"] = muon_momentum_at(h, step)
+        if h.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, h.grad_clip_norm)
+        for opt in self.optimizers:
+            opt.step()
+        return total / self.accum
+
+    def warmup(self) -> float:
+        """Run WARMUP_STEPS to compile and warm kernels, then restore the initial state and data."""
+        if self.h.warmup_steps == 0:
+            return 0.0
+        t0 = time.perf_counter()
+        model_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        opt_states = [_clone_state(opt.state_dict()) for opt in self.optimizers]
+        for i in range(self.h.warmup_steps):
+            self.step(0, 0.0)
+            log(f"warmup_step:{i + 1}/{self.h.warmup_steps}")
+        self.model.load_state_dict(model_state)
+        for opt, state in zip(self.optimizers, opt_states):
+            opt.load_state_dict(state)
+        self.loader = TrainLoader(self.h, self.rt, self.accum)
+        _sync(self.rt)
+        return time.perf_counter() - t0
+
+    def validate(self, step: int, train_ms: float) -> None:
+        loss, bpb, _, _ = evaluate(self.h, self.rt, self.compiled, self.val)
+        log(f"step:{step}/{self.h.iterations} val_loss:{loss:.4f} val_bpb:{bpb:.4f} "
+            f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
+
+    def run(self) -> tuple[int, float]:
+        """The timed loop; returns (steps, training ms). Validation pauses the clock."""
+        h, rt = self.h, self.rt
+        cap_ms = 1000.0 * h.max_wallclock_seconds
+        train_ms, step, stop_at = 0.0, 0, None
+        _sync(rt)
+        t0 = time.perf_counter()
+        while True:
+            last = step == h.iterations or step == stop_at
+            if last or (h.val_loss_every and step % h.val_loss_every == 0):
+                _sync(rt)
+                train_ms += 1000.0 * (time.perf_counter() - t0)
+                self.validate(step, train_ms)
+                t0 = time.perf_counter()
+            if last:
+                if stop_at is not None and step < h.iterations:
+                    log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{h.iterations}")
+                return step, train_ms
+            loss = self.step(step, train_ms + 1000.0 * (time.perf_counter() - t0))
+            step += 1
+            now_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
+            # One all-reduce per step: the wall-clock stop is decided by all ranks together, the
+            # logged loss is the global mean, and a NaN/inf on any rank survives the sum.
+            sums = torch.stack([torch.tensor(float(cap_ms > 0 and now_ms >= cap_ms), device=rt.device), loss])
+            if rt.distributed:
+                dist.all_reduce(sums)
+            reached_cap, loss_sum = sums.tolist()
+            train_loss = loss_sum / rt.world_size
+            if not math.isfinite(train_loss):
+                raise FloatingPointError(f"train loss is {train_loss} at step {step}; lower the learning rates "
+                                         "(MATRIX_LR, SCALAR_LR, TIED_EMBED_LR) or set GRAD_CLIP_NORM")
+            if step <= 10 or step % h.train_log_every == 0 or reached_cap:
+                log(f"step:{step}/{h.iterations} train_loss:{train_loss:.4f} train_time:{now_ms:.0f}ms "
+                    f"step_avg:{now_ms / step:.2f}ms")
+            if reached_cap and stop_at is None:
+                stop_at = step
+
+
+def _clone_state(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _clone_state(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_clone_state(v) for v in obj]
+    return obj
+
+
+def _sync(rt: Runtime) -> None:
+    if rt.device.type == "cuda":
+        torch.cuda.synchronize(rt.device)
+
+
+# -----------------------------------------------------------------------------
+# MAIN
+# -----------------------------------------------------------------------------
+
+
+def write_artifact(h: Settings, rt: Runtime, model: GPT) -> Path:
+    """Rank 0 quantizes, compresses and writes the artifact; every rank then reads the same file."""
+    path = Path(h.artifact_path or Path(h.log_dir) / f"{h.run_id}.ptz")
+    if rt.is_main:
+        t0 = time.perf_counter()
+        blob = serialize_artifact(model.state_dict(), h.zstd_level)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(blob)
+        code_bytes = len(Path(__file__).read_bytes())
+        total = len(blob) + code_bytes
+        log(f"Serialized model int8+zstd: {len(blob)} bytes ({time.perf_counter() - t0:.1f}s) path:{path}")
+        log(f"Code size: {code_bytes} bytes")
+        log(f"Total submission size int8+zstd: {total} bytes limit:{h.size_limit} "
+            f"fits:{total <= h.size_limit}")
+    if rt.distributed:
+        dist.barrier()
+    return path
+
+
+def train_and_eval(h: Settings, rt: Runtime) -> None:
+    torch.manual_seed(h.seed)
+    np.random.seed(h.seed)
+    sp = load_tokenizer(h)
+    val = load_val_data(h, sp)
+    n_targets = val.tokens.numel() - 1
+    val_bytes = int(val.target_bytes(val.tokens[:-1], val.tokens[1:]).sum())
+    log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={h.tokenizer_path}")
+    log(f"train_loader:dataset:{Path(h.data_path).name} train_shards:{len(shard_paths(h.data_path, 'train'))}")
+    log(f"val_tokens:{n_targets} val_bytes:{val_bytes}")
+
+    model = GPT(h).to(rt.device)
+    trainer = Trainer(h, rt, model, val)
+    log(f"model_params:{sum(p.numel() for p in model.parameters())}")
+    log(f"world_size:{rt.world_size} grad_accum_steps:{trainer.accum} device:{rt.device} "
+        f"compute_dtype:{'bf16' if rt.device.type == 'cuda' else 'fp32'} compile:{h.compile}")
+    log(f"train_batch_tokens:{h.train_batch_tokens} train_seq_len:{h.train_seq_len} iterations:{h.iterations} "
+        f"warmup_steps:{h.warmup_steps} max_wallclock_seconds:{h.max_wallclock_seconds:.3f}")
+    log(f"seed:{h.seed}")
+
+    warm_s = trainer.warmup()
+    steps, train_ms = trainer.run()
+    log(f"time: compile_warmup:{warm_s:.1f}s training:{train_ms / 1000:.1f}s steps:{steps}")
+    if rt.device.type == "cuda":
+        log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
+            f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
+
+    # The score comes from the artifact loaded into a fresh model, never from the live one.
+    path = write_artifact(h, rt, model)
+    fresh = GPT(h).to(rt.device)
+    load_artifact_into(fresh, path)
+    t0 = time.perf_counter()
+    loss, bpb, tokens, nbytes = evaluate(h, rt, maybe_compile(h, fresh), val)
+    eval_ms = 1000.0 * (time.perf_counter() - t0)
+    log(f"final_int8_zstd_roundtrip val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{eval_ms:.0f}ms")
+    log(f"final_int8_zstd_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} "
+        f"scored_tokens:{tokens} scored_bytes:{nbytes}")
+
+
+def main() -> None:
+    rt = None
+    try:
+        h = Settings()
+        rt = init_runtime(h)
+        h.run_id = resolve_run_id(h, rt)
+        start_log(h, rt)
+        train_and_eval(h, rt)
+    except (SettingsError, DataError, ArtifactError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    finally:
+        if rt is not None and rt.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
