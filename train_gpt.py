@@ -55,27 +55,46 @@ class Settings:
     log_dir: str = "logs"
     device: str = "auto"  # auto | cpu | cuda
     compile: bool = True
+    plan: bool = False  # build the model, print its parameter table and exit without data
     # schedule (defaults: the published 8xH100 baseline recipe)
     iterations: int = 20000
     max_wallclock_seconds: float = 600.0  # 0 = no cap
     warmup_steps: int = 20  # compile warm-up steps whose model and optimizer state are thrown away
     warmdown_iters: int = 1200
-    train_batch_tokens: int = 524288  # global, whatever the world size
-    train_seq_len: int = 1024
+    train_batch_tokens: int = 786432  # global, whatever the world size
+    train_seq_len: int = 2048
     grad_accum_steps: int = 0  # 0 = 8 // world_size, so one GPU sees the same micro-batches as eight
     val_loss_every: int = 1000  # 0 = only at the end
     train_log_every: int = 200
-    eval_seq_len: int = 1024
+    eval_seq_len: int = 2048
     eval_batch_tokens: int = 524288  # per rank and forward pass
-    # model
-    num_layers: int = 9
+    # model (defaults: PR #585's architecture; each technique off gives the plain baseline)
+    num_layers: int = 11
     model_dim: int = 512
     num_heads: int = 8
-    num_kv_heads: int = 4
-    mlp_mult: float = 2.0
-    rope_base: float = 10000.0
-    logit_softcap: float = 30.0
+    num_kv_heads: int = 8
+    mlp_mult: float = 3.5  # hidden = int(mlp_mult * model_dim): 3.5 -> 1792
+    mlp_act: str = "relu2"  # relu2 | leaky_relu2
+    rope_dims: int = 16  # rotated dims per head (partial RoPE); 0 = all
+    rope_base: float = 10000.0  # used as is at every sequence length
+    qk_gain_init: float = 1.5
+    logit_softcap: float = 30.0  # 0 = off
     tied_embed_init_std: float = 0.005
+    bigram_buckets: int = 8192  # BigramHash table rows; 0 = off
+    bigram_dim: int = 128
+    bigram_doc_reset: bool = True  # the pair ending at a BOS gets the reserved bucket
+    smear: bool = True  # SmearGate
+    smear_doc_reset: bool = True  # no smearing across a BOS
+    xsa_last_n: int = 11  # exclusive self attention on the last N layers (N >= layers: all); 0 = off
+    ve_dim: int = 128  # shared value embedding; 0 = off
+    ve_layers: str = "-2,-1"  # layers that add it to V (negative: from the end; -2,-1 = 9,10 at 11 layers)
+    unet: bool = True  # U-Net skips with learned per-dim weights
+    ln_scale: bool = True  # block inputs scaled by 1/sqrt(layer+1)
+    ortho_init: bool = True  # orthogonal init of matrices with both dims >= 64
+    attn_gate: bool = False  # gated attention (PR #1683)
+    value_residual: bool = False  # layer 0's V mixed into later layers (PR #1683)
+    doc_mask: bool = False  # no attention across a BOS, in training only (PR #1683)
+    attn_backend: str = "auto"  # auto (FA3 on Hopper when importable, else SDPA) | sdpa | fa3
     # optimizers
     tied_embed_lr: float = 0.05
     matrix_lr: float = 0.04
@@ -99,10 +118,10 @@ class Settings:
         # Filled here, when created, not at import: tests and tools set env vars first.
         env = os.environ
         self.preset = env.get("PRESET", self.preset)
-        if self.preset:
-            if self.preset not in PRESETS:
-                raise SettingsError(f"PRESET={self.preset!r} is unknown; choose one of: {', '.join(PRESETS)}")
-            for name, value in PRESETS[self.preset].items():
+        for preset in filter(None, self.preset.split(",")):  # "pr1683,smoke": applied left to right
+            if preset not in PRESETS:
+                raise SettingsError(f"PRESET={preset!r} is unknown; choose from: {', '.join(PRESETS)}")
+            for name, value in PRESETS[preset].items():
                 setattr(self, name, value)
         for f in dataclasses.fields(self):
             key = f.name.upper()
@@ -114,7 +133,8 @@ class Settings:
         positive = ("vocab_size", "iterations", "train_batch_tokens", "train_seq_len", "eval_seq_len",
                     "eval_batch_tokens", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult",
                     "rope_base", "muon_backend_steps", "size_limit", "train_log_every")
-        non_negative = ("max_wallclock_seconds", "warmup_steps", "warmdown_iters", "grad_accum_steps",
+        non_negative = ("max_wallclock_seconds", "warmup_steps", "warmdown_iters", "grad_accum_steps", "rope_dims",
+                        "bigram_buckets", "bigram_dim", "xsa_last_n", "ve_dim",
                         "val_loss_every", "logit_softcap", "tied_embed_init_std", "tied_embed_lr", "matrix_lr",
                         "scalar_lr", "muon_momentum_warmup_steps", "muon_wd", "adam_wd", "adam_eps",
                         "grad_clip_norm")
@@ -134,9 +154,19 @@ class Settings:
         if self.num_heads % self.num_kv_heads:
             raise SettingsError(f"NUM_KV_HEADS={self.num_kv_heads} must divide NUM_HEADS={self.num_heads}")
         if (self.model_dim // self.num_heads) % 2:
-            raise SettingsError(f"head dim MODEL_DIM/NUM_HEADS={self.model_dim // self.num_heads} must be even for RoPE")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise SettingsError(f"DEVICE={self.device!r} must be auto, cpu or cuda")
+            raise SettingsError(f"head dim MODEL_DIM/NUM_HEADS={self.model_dim // self.num_heads} must be even")
+        for name, choices in (("device", ("auto", "cpu", "cuda")), ("mlp_act", ("relu2", "leaky_relu2")),
+                              ("attn_backend", ("auto", "sdpa", "fa3"))):
+            if getattr(self, name) not in choices:
+                raise SettingsError(f"{name.upper()}={getattr(self, name)!r} must be one of: {', '.join(choices)}")
+        head_dim = self.model_dim // self.num_heads
+        if self.rope_dims % 2 or self.rope_dims > head_dim:
+            raise SettingsError(f"ROPE_DIMS={self.rope_dims} must be even and at most the head dim {head_dim}")
+        if self.bigram_buckets == 1 or (self.bigram_buckets and not self.bigram_dim):
+            raise SettingsError("BIGRAM_BUCKETS must be 0 (off) or >= 2, with BIGRAM_DIM > 0")
+        if int(self.mlp_mult * self.model_dim) < 1:
+            raise SettingsError(f"MLP_MULT={self.mlp_mult} gives an empty MLP")
+        resolve_layers(self.ve_layers, self.num_layers)
         if not 1 <= self.zstd_level <= 22:
             raise SettingsError(f"ZSTD_LEVEL={self.zstd_level} must be in 1..22")
 
@@ -144,15 +174,32 @@ class Settings:
         return dataclasses.asdict(self)
 
 
-# Named bundles of defaults; explicit env vars override them.
+# Named bundles of defaults; explicit env vars override them. The seed presets set what each
+# write-up states; what it leaves unsaid keeps our defaults (PR #585's lineage).
 PRESETS: dict[str, dict] = {
-    # A few minutes on a 2-core CPU with the bundled sample: the whole pipeline, small.
+    # The published naive baseline (1.2244): 9 layers, GQA 8/4, MLP 2x, no record technique.
+    "baseline": dict(num_layers=9, num_kv_heads=4, mlp_mult=2.0, rope_dims=0, bigram_buckets=0, smear=False,
+                     xsa_last_n=0, ve_dim=0, ln_scale=False, ortho_init=False, train_seq_len=1024,
+                     eval_seq_len=1024, train_batch_tokens=524288),
+    "pr585": dict(),  # 1.1179: the defaults (11L, MHA 8/8, MLP 1792, BigramHash 8192, XSA all, VE 9-10)
+    # 1.1280: 13L GQA 8/4, gated attention, value residual, BigramHash 2048, VE 96, doc-masked training.
+    "pr1683": dict(num_layers=13, num_kv_heads=4, mlp_mult=3.0, bigram_buckets=2048, ve_dim=96, smear=False,
+                   xsa_last_n=0, attn_gate=True, value_residual=True, doc_mask=True),
+    # 1.1476: 12L, MLP 3x, BigramHash 10240x128, XSA on the last 4, VE on the last two layers.
+    "pr592": dict(num_layers=12, num_kv_heads=4, mlp_mult=3.0, bigram_buckets=10240, xsa_last_n=4),
+    # 1.1215: 11L GQA 8/4, MLP 3x relu², BigramHash 2048, XSA last 4, VE 9-10.
+    "pr578": dict(num_kv_heads=4, mlp_mult=3.0, bigram_buckets=2048, xsa_last_n=4),
+    # PR #1319 (its 0.6951 came from a SLOT that leaks; the model is PR #1019's): LeakyReLU², XSA all,
+    # BigramHash 3072x112.
+    "pr1319": dict(num_kv_heads=4, mlp_mult=3.0, mlp_act="leaky_relu2", bigram_buckets=3072, bigram_dim=112),
+    # A few minutes on a 2-core CPU with the bundled sample: the whole pipeline, every technique, small.
     "smoke": dict(
         data_path="./data/sample/fineweb_sp1024", device="auto", compile=False,
         iterations=300, max_wallclock_seconds=120.0, warmup_steps=2, warmdown_iters=100,
         train_batch_tokens=8192, train_seq_len=256, grad_accum_steps=1, val_loss_every=0,
-        train_log_every=25, eval_seq_len=256, eval_batch_tokens=16384,
-        num_layers=4, model_dim=128, num_heads=4, num_kv_heads=2, muon_momentum_warmup_steps=50,
+        train_log_every=25, eval_seq_len=256, eval_batch_tokens=16384, muon_momentum_warmup_steps=50,
+        num_layers=4, model_dim=128, num_heads=4, num_kv_heads=2, bigram_buckets=2048, bigram_dim=32,
+        ve_dim=32, xsa_last_n=4,
     ),
 }
 
@@ -435,31 +482,78 @@ def load_val_data(h: Settings, sp: spm.SentencePieceProcessor) -> ValData:
 # MODEL
 # -----------------------------------------------------------------------------
 
+try:  # FlashAttention-3 (Hopper); without it attention falls back to PyTorch SDPA
+    from flash_attn_interface import flash_attn_func, flash_attn_varlen_func
+except ImportError:
+    flash_attn_func = flash_attn_varlen_func = None
+
+BOS_ID = 1  # every document starts with BOS: the boundary for doc masking and the doc resets
+
+
+def use_fa3(h: Settings, device: torch.device) -> bool:
+    if h.attn_backend == "sdpa" or device.type != "cuda":
+        return False
+    available = flash_attn_func is not None and torch.cuda.get_device_capability(device)[0] == 9
+    if h.attn_backend == "fa3" and not available:
+        raise SettingsError("ATTN_BACKEND=fa3 needs flash_attn_interface on a Hopper GPU; use ATTN_BACKEND=auto")
+    return available
+
+
+def doc_segments(ids: torch.Tensor) -> torch.Tensor:
+    """cu_seqlens for varlen attention over the flattened batch: a segment starts at every row start
+    and every BOS. Fixed size (B*T + 1, padded with B*T) so it compiles without dynamic shapes."""
+    B, T = ids.shape
+    starts = ids == BOS_ID
+    starts[:, 0] = True
+    n = B * T
+    cu = torch.nonzero_static(starts.flatten(), size=n, fill_value=n).flatten()
+    return torch.cat([cu, cu.new_full((1,), n)]).to(torch.int32)
+
+
+def attend(q, k, v, doc_ids: torch.Tensor | None, fa3: bool) -> torch.Tensor:
+    """Causal attention over (B, T, H, D) tensors; with doc_ids, no attention across a BOS."""
+    B, T, H, D = q.shape
+    if fa3:
+        if doc_ids is None:
+            return flash_attn_func(q, k, v, causal=True)
+        cu = doc_segments(doc_ids)
+        y = flash_attn_varlen_func(q.reshape(B * T, H, D), k.reshape(B * T, -1, D), v.reshape(B * T, -1, D),
+                                   cu, cu, T, T, causal=True)
+        return y.view(B, T, H, D)
+    mask = None
+    if doc_ids is not None:
+        doc = torch.cumsum(doc_ids == BOS_ID, dim=1)
+        mask = (doc[:, :, None] == doc[:, None, :]).tril()[:, None]  # causal and same document
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                       is_causal=mask is None, enable_gqa=k.size(2) != H)
+    return y.transpose(1, 2)
+
 
 class Rotary(nn.Module):
-    """RoPE tables, cached per length; base and dims are explicit, no hidden rescaling."""
+    """RoPE on the first `dims` dims of each head (partial RoPE); the rest pass through.
 
-    def __init__(self, dim: int, base: float):
+    The base is used as given at every sequence length: no hidden rescaling when lengths change."""
+
+    def __init__(self, dims: int, base: float):
         super().__init__()
-        self.register_buffer("inv_freq", 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim),
+        self.dims = dims
+        self.register_buffer("inv_freq", 1.0 / base ** (torch.arange(0, dims, 2, dtype=torch.float32) / dims),
                              persistent=False)
         self._cache: tuple[int, torch.device, torch.Tensor, torch.Tensor] | None = None
 
-    def forward(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._cache is None or self._cache[0] != seq_len or self._cache[1] != device:
-            freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), self.inv_freq.to(device))
-            self._cache = (seq_len, device, freqs.cos()[None, None], freqs.sin()[None, None])
-        return self._cache[2], self._cache[3]
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.size(-1) // 2  # rotate-half convention: pairs (i, i + half)
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1).type_as(x)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, H, D)
+        T = x.size(1)
+        if self._cache is None or self._cache[0] != T or self._cache[1] != x.device:
+            freqs = torch.outer(torch.arange(T, device=x.device, dtype=torch.float32), self.inv_freq.to(x.device))
+            self._cache = (T, x.device, freqs.cos()[None, :, None], freqs.sin()[None, :, None])
+        cos, sin = self._cache[2], self._cache[3]
+        half = self.dims // 2  # rotate-half convention: pairs (i, i + half) inside the rotated dims
+        x1, x2, rest = x[..., :half], x[..., half:self.dims], x[..., self.dims:]
+        return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1).type_as(x)
 
 
 class Attention(nn.Module):
-    def __init__(self, h: Settings):
+    def __init__(self, h: Settings, layer: int):
         super().__init__()
         self.num_heads, self.num_kv_heads = h.num_heads, h.num_kv_heads
         self.head_dim = h.model_dim // h.num_heads
@@ -469,19 +563,44 @@ class Attention(nn.Module):
         self.c_v = nn.Linear(h.model_dim, kv_dim, bias=False)
         self.proj = nn.Linear(h.model_dim, h.model_dim, bias=False)
         self.proj._zero_init = True
-        self.rotary = Rotary(self.head_dim, h.rope_base)
+        self.q_gain = nn.Parameter(torch.full((h.num_heads,), h.qk_gain_init))
+        self.rotary = Rotary(h.rope_dims or self.head_dim, h.rope_base)
+        self.xsa = layer >= h.num_layers - h.xsa_last_n
+        # Gated attention (PR #1683): out *= 2σ(W x) per head; W = 0 makes it the identity at init.
+        self.gate = nn.Linear(h.model_dim, h.num_heads, bias=False) if h.attn_gate else None
+        if self.gate is not None:
+            self.gate._zero_init = True
+        # Value residual (PR #1683): v += λ (v_first - v), λ = 0 at init; layer 0 supplies v_first.
+        self.vr_lambda = nn.Parameter(torch.zeros(1)) if h.value_residual and layer > 0 else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x, ve=None, v_first=None, doc_ids=None, fa3=False):
         B, T, C = x.shape
-        q = self.c_q(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.c_q(x).view(B, T, self.num_heads, self.head_dim)
+        k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.c_v(x)
+        if ve is not None:
+            v = v + ve
+        v = v.view(B, T, self.num_kv_heads, self.head_dim)
+        if self.vr_lambda is not None and v_first is not None:
+            v = v + self.vr_lambda.to(v.dtype) * (v_first - v)
         q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))  # QK-norm
-        cos, sin = self.rotary(T, x.device)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                           enable_gqa=self.num_kv_heads != self.num_heads)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+        q = self.rotary(q) * self.q_gain.to(q.dtype)[:, None]
+        k = self.rotary(k)
+        y = attend(q, k, v, doc_ids, fa3)
+        if self.xsa:
+            y = exclusive_self_attention(y, v)
+        if self.gate is not None:
+            y = y * (2 * torch.sigmoid(self.gate(x))).to(y.dtype)[..., None]
+        return self.proj(y.reshape(B, T, C)), v
+
+
+def exclusive_self_attention(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """XSA: remove from each head's output its component along the token's own value vector.
+    y: (B, T, H, D); v: (B, T, Hkv, D); query heads of one KV group share its value."""
+    B, T, H, D = y.shape
+    group = y.view(B, T, v.size(2), H // v.size(2), D)
+    vn = F.normalize(v, dim=-1)[:, :, :, None]
+    return (group - (group * vn).sum(-1, keepdim=True) * vn).view(B, T, H, D)
 
 
 class MLP(nn.Module):
@@ -491,38 +610,141 @@ class MLP(nn.Module):
         self.fc = nn.Linear(h.model_dim, hidden, bias=False)
         self.proj = nn.Linear(hidden, h.model_dim, bias=False)
         self.proj._zero_init = True
+        self.leaky = h.mlp_act == "leaky_relu2"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(F.relu(self.fc(x)).square())  # relu²
+        u = self.fc(x)
+        u = F.leaky_relu(u, 0.5) if self.leaky else F.relu(u)  # LeakyReLU(0.5)² from PR #549
+        return self.proj(u.square())
 
 
 class Block(nn.Module):
+    """x_in = m0⊙x + m1⊙x0; x += a⊙Attn(norm(x_in)·s); x += b⊙MLP(norm(x)·s), s = 1/sqrt(layer+1) with LN_SCALE."""
+
+    def __init__(self, h: Settings, layer: int):
+        super().__init__()
+        self.attn, self.mlp = Attention(h, layer), MLP(h)
+        self.resid_mix = nn.Parameter(torch.stack([torch.ones(h.model_dim), torch.zeros(h.model_dim)]))
+        self.attn_scale = nn.Parameter(torch.ones(h.model_dim))
+        self.mlp_scale = nn.Parameter(torch.ones(h.model_dim))
+        self.norm_scale = 1.0 / math.sqrt(layer + 1) if h.ln_scale else 1.0
+
+    def forward(self, x, x0, ve=None, v_first=None, doc_ids=None, fa3=False):
+        mix = self.resid_mix.to(x.dtype)
+        x = mix[0] * x + mix[1] * x0
+        a, v = self.attn(F.rms_norm(x, (x.size(-1),)) * self.norm_scale, ve, v_first, doc_ids, fa3)
+        x = x + self.attn_scale.to(x.dtype) * a
+        x = x + self.mlp_scale.to(x.dtype) * self.mlp(F.rms_norm(x, (x.size(-1),)) * self.norm_scale)
+        return x, v
+
+
+class BigramHash(nn.Module):
+    """Embedding of the hashed pair (previous token, token), projected to the model width.
+
+    Bucket = (36313·id_t XOR 27191·id_{t-1}) mod (buckets-1); the last bucket is reserved for a
+    position with no previous token of its document: position 0 and, with doc_reset, every BOS."""
+
     def __init__(self, h: Settings):
         super().__init__()
-        self.attn, self.mlp = Attention(h), MLP(h)
+        self.buckets, self.doc_reset = h.bigram_buckets, h.bigram_doc_reset
+        self.table = nn.Embedding(h.bigram_buckets, h.bigram_dim)
+        nn.init.zeros_(self.table.weight)
+        self.proj = nn.Linear(h.bigram_dim, h.model_dim, bias=False)
+        self.scale = nn.Parameter(torch.tensor(0.05))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(F.rms_norm(x, (x.size(-1),)))
-        return x + self.mlp(F.rms_norm(x, (x.size(-1),)))
+    def bucket(self, ids: torch.Tensor) -> torch.Tensor:
+        prev = F.pad(ids[:, :-1], (1, 0))
+        hashed = torch.bitwise_xor(36313 * ids, 27191 * prev) % (self.buckets - 1)
+        first = torch.zeros_like(ids, dtype=torch.bool)
+        first[:, 0] = True
+        if self.doc_reset:
+            first |= ids == BOS_ID
+        return torch.where(first, self.buckets - 1, hashed)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.scale.to(self.proj.weight.dtype) * self.proj(self.table(self.bucket(ids)))
+
+
+class SmearGate(nn.Module):
+    """x_t ← (1-g)⊙x_t + g⊙x_{t-1}, g = σ(gate) per dim (gate 0: a 50/50 blend at init).
+    With doc_reset the previous token is zero at a BOS, so nothing smears across documents."""
+
+    def __init__(self, h: Settings):
+        super().__init__()
+        self.gate = nn.Parameter(torch.zeros(h.model_dim))
+        self.doc_reset = h.smear_doc_reset
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        prev = F.pad(x[:, :-1], (0, 0, 1, 0))
+        if self.doc_reset:
+            prev = prev * (ids != BOS_ID)[..., None].to(x.dtype)
+        g = torch.sigmoid(self.gate).to(x.dtype)
+        return x + g * (prev - x)
+
+
+class ValueEmbedding(nn.Module):
+    """One shared table added to V on VE_LAYERS: scale_l · scale · P(E[ids])."""
+
+    def __init__(self, h: Settings, n_layers: int):
+        super().__init__()
+        self.table = nn.Embedding(h.vocab_size, h.ve_dim)
+        nn.init.normal_(self.table.weight, std=0.01)
+        self.proj = nn.Linear(h.ve_dim, h.num_kv_heads * (h.model_dim // h.num_heads), bias=False)
+        self.scale = nn.Parameter(torch.tensor(0.1))
+        self.layer_scales = nn.Parameter(torch.ones(n_layers))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.scale.to(self.proj.weight.dtype) * self.proj(self.table(ids))
 
 
 class GPT(nn.Module):
-    """Tied embeddings, pre-RMSNorm blocks, GQA + RoPE attention, relu² MLP, tanh logit softcap."""
+    """The record model: every technique is a setting, and each one off gives the plain baseline."""
 
     def __init__(self, h: Settings):
         super().__init__()
-        self.softcap = h.logit_softcap
+        self.softcap, self.doc_mask = h.logit_softcap, h.doc_mask
         self.tok_emb = nn.Embedding(h.vocab_size, h.model_dim)
-        self.blocks = nn.ModuleList(Block(h) for _ in range(h.num_layers))
+        self.bigram = BigramHash(h) if h.bigram_buckets else None
+        self.smear = SmearGate(h) if h.smear else None
+        self.ve_layers = resolve_layers(h.ve_layers, h.num_layers) if h.ve_dim else []
+        self.ve = ValueEmbedding(h, len(self.ve_layers)) if self.ve_layers else None
+        self.blocks = nn.ModuleList(Block(h, i) for i in range(h.num_layers))
+        # U-Net: the first half's outputs feed the second half in reverse order (LIFO).
+        self.n_enc = h.num_layers // 2 if h.unet else 0
+        self.skip_weights = nn.Parameter(torch.ones(self.n_enc, h.model_dim)) if self.n_enc else None
+        self.fa3 = False  # set by the runtime once the device is known
+        self._init_weights(h)
+
+    def _init_weights(self, h: Settings) -> None:
         nn.init.normal_(self.tok_emb.weight, std=h.tied_embed_init_std)
         for module in self.modules():
+            if not isinstance(module, nn.Linear):
+                continue
             if getattr(module, "_zero_init", False):
-                nn.init.zeros_(module.weight)  # each block starts as the identity
+                nn.init.zeros_(module.weight)  # output projections: each block starts as the identity
+            elif h.ortho_init and min(module.weight.shape) >= 64:
+                nn.init.orthogonal_(module.weight)
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        x = F.rms_norm(self.tok_emb(input_ids), (self.tok_emb.embedding_dim,))
-        for block in self.blocks:
-            x = block(x)
+        x = self.tok_emb(input_ids)
+        if self.bigram is not None:
+            x = x + self.bigram(input_ids)
+        x = F.rms_norm(x, (x.size(-1),))
+        if self.smear is not None:
+            x = self.smear(x, input_ids)
+        x0, v_first, skips = x, None, []
+        ve = self.ve(input_ids) if self.ve is not None else None
+        doc_ids = input_ids if self.doc_mask and self.training else None  # document masking: training only
+        for i, block in enumerate(self.blocks):
+            if i >= self.n_enc and skips:
+                x = x + self.skip_weights[i - self.n_enc].to(x.dtype) * skips.pop()
+            ve_i = None
+            if i in self.ve_layers:
+                ve_i = self.ve.layer_scales[self.ve_layers.index(i)].to(x.dtype) * ve
+            x, v = block(x, x0, ve_i, v_first, doc_ids, self.fa3)
+            v_first = v if v_first is None else v_first
+            if i < self.n_enc:
+                skips.append(x)
         x = F.rms_norm(x, (x.size(-1),))
         logits = F.linear(x, self.tok_emb.weight).float()
         return self.softcap * torch.tanh(logits / self.softcap) if self.softcap > 0 else logits
@@ -531,6 +753,39 @@ class GPT(nn.Module):
         """Per-token NLL in nats, shape of target_ids; the training loss is its mean."""
         logits = self.logits(input_ids)
         return F.cross_entropy(logits.flatten(0, 1), target_ids.flatten(), reduction="none").view_as(target_ids)
+
+
+def resolve_layers(spec: str, num_layers: int) -> list[int]:
+    """'9,10' or '-2,-1' (counted from the end) -> sorted layer indices."""
+    try:
+        raw = [int(s) for s in spec.split(",") if s.strip()]
+    except ValueError:
+        raw = [num_layers]  # reported below
+    if any(not -num_layers <= i < num_layers for i in raw):
+        raise SettingsError(f"VE_LAYERS={spec!r} must be comma-separated layer indices in "
+                            f"[-{num_layers}, {num_layers - 1}]")
+    return sorted({i % num_layers for i in raw})
+
+
+def component(name: str) -> str:
+    """The component a parameter belongs to, for the parameter table."""
+    parts = name.split(".")
+    if parts[0] == "blocks":
+        sub = parts[3] if parts[2] in ("attn", "mlp") else parts[2]
+        if parts[2] == "attn" and sub in ("c_q", "c_k", "c_v", "proj"):
+            return "attention"
+        if parts[2] == "mlp":
+            return "mlp"
+        return {"gate": "attn_gate", "vr_lambda": "value_residual"}.get(sub, "block_scalars")
+    return {"tok_emb": "embedding", "bigram": "bigram_hash", "smear": "smear_gate", "ve": "value_embed",
+            "skip_weights": "unet_skips"}.get(parts[0], parts[0])
+
+
+def param_table(model: nn.Module) -> dict[str, int]:
+    table: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        table[component(name)] = table.get(component(name), 0) + p.numel()
+    return table
 
 
 # -----------------------------------------------------------------------------
@@ -590,11 +845,13 @@ class Muon(torch.optim.Optimizer):
 
 
 def build_optimizers(h: Settings, rt: Runtime, model: GPT) -> list[torch.optim.Optimizer]:
-    """Muon for the block matrices; AdamW for the tied embedding and every vector/scalar."""
-    block_params = [p for p in model.blocks.parameters()]
-    matrices = [p for p in block_params if p.ndim == 2]
-    scalars = [p for p in block_params if p.ndim < 2]
-    adam_groups = [dict(params=[model.tok_emb.weight], lr=h.tied_embed_lr, base_lr=h.tied_embed_lr)]
+    """Muon for matrices with both dims >= 64; AdamW for the embedding tables (token, bigram, value)
+    at TIED_EMBED_LR and for every small tensor (gains, gates, scales, mixes) at SCALAR_LR."""
+    tables = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
+    rest = [p for p in model.parameters() if all(p is not t for t in tables)]
+    matrices = [p for p in rest if p.ndim == 2 and min(p.shape) >= 64]
+    scalars = [p for p in rest if all(p is not m for m in matrices)]
+    adam_groups = [dict(params=tables, lr=h.tied_embed_lr, base_lr=h.tied_embed_lr)]
     if scalars:
         adam_groups.append(dict(params=scalars, lr=h.scalar_lr, base_lr=h.scalar_lr))
     adam = torch.optim.AdamW(adam_groups, betas=(h.beta1, h.beta2), eps=h.adam_eps, weight_decay=h.adam_wd,
@@ -728,7 +985,7 @@ def serialize_artifact(state: dict[str, torch.Tensor], zstd_level: int) -> bytes
     arrays, meta = quantize_state(state)
     entries, chunks, offset = [], [], 0
     for name, t in arrays.items():
-        data = t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        data = t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
         entries.append(dict(name=name, dtype=str(t.dtype).removeprefix("torch."), shape=list(t.shape),
                             offset=offset, nbytes=len(data)))
         chunks.append(data)
@@ -927,6 +1184,21 @@ def write_artifact(h: Settings, rt: Runtime, model: GPT) -> Path:
     return path
 
 
+def build_model(h: Settings, rt: Runtime) -> GPT:
+    model = GPT(h).to(rt.device)
+    model.fa3 = use_fa3(h, rt.device)
+    return model
+
+
+def log_model(h: Settings, model: GPT) -> None:
+    """The parameter table by component, then model_params:N."""
+    for name, count in sorted(param_table(model).items()):
+        log(f"params component:{name} count:{count}")
+    log(f"model_params:{sum(p.numel() for p in model.parameters())}")
+    log(f"attention_backend:{'fa3' if model.fa3 else 'sdpa'} num_heads:{h.num_heads} num_kv_heads:{h.num_kv_heads} "
+        f"xsa_layers:{min(h.xsa_last_n, h.num_layers)} ve_layers:{model.ve_layers} doc_mask:{h.doc_mask}")
+
+
 def train_and_eval(h: Settings, rt: Runtime) -> None:
     torch.manual_seed(h.seed)
     np.random.seed(h.seed)
@@ -938,9 +1210,9 @@ def train_and_eval(h: Settings, rt: Runtime) -> None:
     log(f"train_loader:dataset:{Path(h.data_path).name} train_shards:{len(shard_paths(h.data_path, 'train'))}")
     log(f"val_tokens:{n_targets} val_bytes:{val_bytes}")
 
-    model = GPT(h).to(rt.device)
+    model = build_model(h, rt)
     trainer = Trainer(h, rt, model, val)
-    log(f"model_params:{sum(p.numel() for p in model.parameters())}")
+    log_model(h, model)
     log(f"world_size:{rt.world_size} grad_accum_steps:{trainer.accum} device:{rt.device} "
         f"compute_dtype:{'bf16' if rt.device.type == 'cuda' else 'fp32'} compile:{h.compile}")
     log(f"train_batch_tokens:{h.train_batch_tokens} train_seq_len:{h.train_seq_len} iterations:{h.iterations} "
@@ -956,7 +1228,7 @@ def train_and_eval(h: Settings, rt: Runtime) -> None:
 
     # The score comes from the artifact loaded into a fresh model, never from the live one.
     path = write_artifact(h, rt, model)
-    fresh = GPT(h).to(rt.device)
+    fresh = build_model(h, rt)
     load_artifact_into(fresh, path)
     t0 = time.perf_counter()
     loss, bpb, tokens, nbytes = evaluate(h, rt, maybe_compile(h, fresh), val)
@@ -970,6 +1242,9 @@ def main() -> None:
     rt = None
     try:
         h = Settings()
+        if h.plan:  # the model alone, on the CPU, without reading any data
+            log_model(h, build_model(h, Runtime()))
+            return
         rt = init_runtime(h)
         h.run_id = resolve_run_id(h, rt)
         start_log(h, rt)

@@ -24,11 +24,13 @@ def test_int8_rows_error_is_at_most_half_a_step():
 
 def test_small_and_integer_tensors_pass_through():
     state = {"gain": torch.tensor([1.0, -2.5, 3.25]), "steps": torch.tensor([7], dtype=torch.int64),
+             "scalar": torch.tensor(0.05),
              "w": torch.randn(4, 4, dtype=torch.bfloat16)}
     arrays, meta = tg.quantize_state(state)
-    assert [m["kind"] for m in meta.values()] == ["raw"] * 3 and arrays["gain"].dtype == torch.float16
+    assert [m["kind"] for m in meta.values()] == ["raw"] * 4 and arrays["gain"].dtype == torch.float16
     back = tg.deserialize_artifact(tg.serialize_artifact(state, 3))
     assert torch.equal(back["gain"], state["gain"]) and torch.equal(back["steps"], state["steps"])
+    assert back["scalar"].shape == () and back["scalar"].item() == pytest.approx(0.05, rel=1e-3)
     assert back["w"].dtype == torch.bfloat16 and torch.allclose(back["w"].float(), state["w"].float(), atol=1e-2)
 
 
@@ -39,7 +41,7 @@ def test_round_trip_gives_the_same_logits(trained, tmp_path):
     fresh = tg.GPT(h)
     tg.load_artifact_into(fresh, tmp_path / "m.ptz")
     arrays, meta = tg.quantize_state(model.state_dict())
-    assert {m["kind"] for m in meta.values()} == {"int8_row"}
+    assert {m["kind"] for m in meta.values()} == {"int8_row", "raw"}  # matrices int8, gains and scales fp16
     reference = tg.GPT(h)
     reference.load_state_dict(tg.dequantize_state(arrays, meta))
     x = torch.randint(0, 1024, (2, 32))

@@ -8,8 +8,9 @@ from conftest import ROOT, tg
 
 def test_defaults_are_the_8xh100_recipe(make_settings):
     h = make_settings()
-    assert (h.num_layers, h.model_dim, h.vocab_size) == (9, 512, 1024)
-    assert (h.max_wallclock_seconds, h.train_batch_tokens, h.train_seq_len) == (600.0, 524288, 1024)
+    assert (h.num_layers, h.model_dim, h.num_heads, h.num_kv_heads, h.mlp_mult) == (11, 512, 8, 8, 3.5)  # PR #585
+    assert (h.bigram_buckets, h.xsa_last_n, h.rope_dims, h.ve_dim, h.ve_layers) == (8192, 11, 16, 128, "-2,-1")
+    assert (h.max_wallclock_seconds, h.train_batch_tokens, h.train_seq_len) == (600.0, 786432, 2048)
     assert h.preset == "" and h.compile is True
 
 
@@ -19,6 +20,12 @@ def test_preset_then_env_overrides(make_settings):
     assert h.num_layers == tg.PRESETS["smoke"]["num_layers"]  # the rest comes from the preset
     assert h.data_path == "./data/sample/fineweb_sp1024"
     assert h.compile is True
+
+
+def test_presets_combine_left_to_right(make_settings):
+    h = make_settings(preset="pr1683,smoke")
+    assert h.attn_gate and h.value_residual and h.doc_mask  # from pr1683
+    assert (h.num_layers, h.model_dim) == (4, 128)  # from smoke, applied last
 
 
 def test_types_are_parsed(make_settings):
@@ -37,8 +44,15 @@ def test_types_are_parsed(make_settings):
     (dict(beta2="1.0"), "BETA2=1.0 must be in [0, 1)"),
     (dict(num_heads="3"), "NUM_HEADS=3 must divide MODEL_DIM=512"),
     (dict(num_kv_heads="3"), "NUM_KV_HEADS=3 must divide NUM_HEADS=8"),
-    (dict(device="tpu"), "DEVICE='tpu' must be auto, cpu or cuda"),
-    (dict(preset="huge"), "PRESET='huge' is unknown; choose one of: smoke"),
+    (dict(device="tpu"), "DEVICE='tpu' must be one of: auto, cpu, cuda"),
+    (dict(mlp_act="gelu"), "MLP_ACT='gelu' must be one of: relu2, leaky_relu2"),
+    (dict(rope_dims="15"), "ROPE_DIMS=15 must be even and at most the head dim 64"),
+    (dict(rope_dims="128"), "ROPE_DIMS=128 must be even and at most the head dim 64"),
+    (dict(ve_layers="9,11"), "VE_LAYERS='9,11' must be comma-separated layer indices in [-11, 10]"),
+    (dict(ve_layers="nine"), "VE_LAYERS='nine' must be comma-separated layer indices"),
+    (dict(bigram_buckets="1"), "BIGRAM_BUCKETS must be 0 (off) or >= 2"),
+    (dict(preset="huge"), "PRESET='huge' is unknown; choose from: baseline, pr585, pr1683, pr592, pr578, pr1319, smoke"),
+    (dict(preset="smoke,huge"), "PRESET='huge' is unknown"),
     (dict(vocab_size="70000"), "does not fit the uint16 shard format"),
 ])
 def test_bad_values_raise_one_clear_error(make_settings, env, message):
