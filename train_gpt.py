@@ -58,13 +58,20 @@ class Settings:
     plan: bool = False  # build the model, print its parameter table and exit without data
     # schedule (defaults: the published 8xH100 baseline recipe)
     iterations: int = 20000
-    max_wallclock_seconds: float = 600.0  # 0 = no cap
+    max_wallclock_seconds: float = 600.0  # training budget; 0 = no cap
+    gptq_reserve_seconds: float = 0.0  # kept inside the budget for calibration on training data
     warmup_steps: int = 20  # compile warm-up steps whose model and optimizer state are thrown away
-    warmdown_iters: int = 1200
+    lr_warmup_steps: int = 0  # linear LR warmup from 0
+    lr_schedule: str = "linear"  # linear | cosine: decay over the last WARMDOWN_ITERS steps (wall-clock under a cap)
+    warmdown_iters: int = 3500
+    min_lr: float = 0.0  # floor of the LR scale
     train_batch_tokens: int = 786432  # global, whatever the world size
     train_seq_len: int = 2048
     grad_accum_steps: int = 0  # 0 = 8 // world_size, so one GPU sees the same micro-batches as eight
     val_loss_every: int = 1000  # 0 = only at the end
+    checkpoint_every_seconds: float = 0.0  # of training time; also one at the end; 0 = off
+    checkpoint_path: str = ""  # empty: <log_dir>/<run_id>.ckpt
+    resume: str = ""  # a checkpoint to continue from
     train_log_every: int = 200
     eval_seq_len: int = 2048
     eval_batch_tokens: int = 524288  # per rank and forward pass
@@ -95,20 +102,33 @@ class Settings:
     value_residual: bool = False  # layer 0's V mixed into later layers (PR #1683)
     doc_mask: bool = False  # no attention across a BOS, in training only (PR #1683)
     attn_backend: str = "auto"  # auto (FA3 on Hopper when importable, else SDPA) | sdpa | fa3
-    # optimizers
-    tied_embed_lr: float = 0.05
-    matrix_lr: float = 0.04
-    scalar_lr: float = 0.04
-    muon_momentum: float = 0.95
-    muon_momentum_warmup_start: float = 0.85
-    muon_momentum_warmup_steps: int = 500
+    # optimizers (defaults: the seeds' Muon + AdamW)
+    tied_embed_lr: float = 0.035
+    matrix_lr: float = 0.025
+    scalar_lr: float = 0.025
+    muon_momentum: float = 0.99
+    muon_momentum_warmup_start: float = 0.92
+    muon_momentum_warmup_steps: int = 1500
     muon_backend_steps: int = 5
-    muon_wd: float = 0.0
-    adam_wd: float = 0.0
+    muon_wd: float = 0.04
+    adam_wd: float = 0.04
     beta1: float = 0.9
     beta2: float = 0.95
     adam_eps: float = 1e-8
-    grad_clip_norm: float = 0.0  # 0 = off
+    grad_clip_norm: float = 0.3  # global norm; 0 = off
+    parallel_muon: bool = True  # with several ranks: sharded Newton-Schulz (reduce-scatter / all-gather)
+    # weight averaging
+    ema_decay: float = 0.997  # every step, fp32; 0 = off
+    swa_every: int = 50  # SWA snapshot period once the LR scale is below SWA_START; 0 = off
+    swa_start: float = 0.2
+    final_weights: str = "ema"  # live | ema | swa | blend (EMA and SWA mixed by BLEND_EMA)
+    blend_ema: float = 0.5
+    # quantization-aware training, on the export's grid
+    qat_threshold: float = 0.5  # fake quantization on once the LR scale is below this; 0 = off
+    qat_start_frac: float = 0.0  # or: on after this fraction of the budget (steps without a cap); 0 = unused
+    quant_bits_mlp: int = 5
+    quant_bits_attn: int = 5
+    quant_bits_embed: int = 8
     # artifact
     artifact_path: str = ""  # empty: <log_dir>/<run_id>.ptz
     zstd_level: int = 22
@@ -133,7 +153,8 @@ class Settings:
         positive = ("vocab_size", "iterations", "train_batch_tokens", "train_seq_len", "eval_seq_len",
                     "eval_batch_tokens", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult",
                     "rope_base", "muon_backend_steps", "size_limit", "train_log_every")
-        non_negative = ("max_wallclock_seconds", "warmup_steps", "warmdown_iters", "grad_accum_steps", "rope_dims",
+        non_negative = ("max_wallclock_seconds", "gptq_reserve_seconds", "checkpoint_every_seconds", "lr_warmup_steps", "swa_every",
+                        "warmup_steps", "warmdown_iters", "grad_accum_steps", "rope_dims",
                         "bigram_buckets", "bigram_dim", "xsa_last_n", "ve_dim",
                         "val_loss_every", "logit_softcap", "tied_embed_init_std", "tied_embed_lr", "matrix_lr",
                         "scalar_lr", "muon_momentum_warmup_steps", "muon_wd", "adam_wd", "adam_eps",
@@ -144,9 +165,19 @@ class Settings:
         for name in non_negative:
             if not getattr(self, name) >= 0:
                 raise SettingsError(f"{name.upper()}={getattr(self, name)} must be >= 0")
-        for name in ("muon_momentum", "muon_momentum_warmup_start", "beta1", "beta2"):
+        for name in ("muon_momentum", "muon_momentum_warmup_start", "beta1", "beta2", "ema_decay", "min_lr",
+                     "qat_start_frac"):
             if not 0 <= getattr(self, name) < 1:
                 raise SettingsError(f"{name.upper()}={getattr(self, name)} must be in [0, 1)")
+        for name in ("swa_start", "blend_ema", "qat_threshold"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise SettingsError(f"{name.upper()}={getattr(self, name)} must be in [0, 1]")
+        for name in ("quant_bits_mlp", "quant_bits_attn", "quant_bits_embed"):
+            if not 4 <= getattr(self, name) <= 8:
+                raise SettingsError(f"{name.upper()}={getattr(self, name)} must be in 4..8")
+        if self.gptq_reserve_seconds and self.gptq_reserve_seconds >= self.max_wallclock_seconds > 0:
+            raise SettingsError(f"GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds} leaves no training time "
+                                f"in MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds}")
         if self.vocab_size > 65536:
             raise SettingsError(f"VOCAB_SIZE={self.vocab_size} does not fit the uint16 shard format (max 65536)")
         if self.model_dim % self.num_heads:
@@ -156,7 +187,8 @@ class Settings:
         if (self.model_dim // self.num_heads) % 2:
             raise SettingsError(f"head dim MODEL_DIM/NUM_HEADS={self.model_dim // self.num_heads} must be even")
         for name, choices in (("device", ("auto", "cpu", "cuda")), ("mlp_act", ("relu2", "leaky_relu2")),
-                              ("attn_backend", ("auto", "sdpa", "fa3"))):
+                              ("attn_backend", ("auto", "sdpa", "fa3")), ("lr_schedule", ("linear", "cosine")),
+                              ("final_weights", ("live", "ema", "swa", "blend"))):
             if getattr(self, name) not in choices:
                 raise SettingsError(f"{name.upper()}={getattr(self, name)!r} must be one of: {', '.join(choices)}")
         head_dim = self.model_dim // self.num_heads
@@ -180,18 +212,32 @@ PRESETS: dict[str, dict] = {
     # The published naive baseline (1.2244): 9 layers, GQA 8/4, MLP 2x, no record technique.
     "baseline": dict(num_layers=9, num_kv_heads=4, mlp_mult=2.0, rope_dims=0, bigram_buckets=0, smear=False,
                      xsa_last_n=0, ve_dim=0, ln_scale=False, ortho_init=False, train_seq_len=1024,
-                     eval_seq_len=1024, train_batch_tokens=524288),
-    "pr585": dict(),  # 1.1179: the defaults (11L, MHA 8/8, MLP 1792, BigramHash 8192, XSA all, VE 9-10)
+                     eval_seq_len=1024, train_batch_tokens=524288, tied_embed_lr=0.05, matrix_lr=0.04,
+                     scalar_lr=0.04, muon_momentum=0.95, muon_momentum_warmup_start=0.85,
+                     muon_momentum_warmup_steps=500, muon_wd=0.0, adam_wd=0.0, grad_clip_norm=0.0,
+                     warmdown_iters=1200, ema_decay=0.0, swa_every=0, final_weights="live", qat_threshold=0.0,
+                     quant_bits_mlp=8, quant_bits_attn=8, quant_bits_embed=8),
+    # 1.1179: the defaults (11L, MHA 8/8, MLP 1792, BigramHash 8192, XSA all, VE 9-10; Muon lr 0.025 wd 0.04,
+    # EMA 0.997, SWA every 50, early QAT at LR scale 0.5, int5 weights, int8 embeddings).
+    "pr585": dict(),
     # 1.1280: 13L GQA 8/4, gated attention, value residual, BigramHash 2048, VE 96, doc-masked training.
+    # EMA 0.997 + SWA every 200, late QAT int4 MLP / int5 attention.
     "pr1683": dict(num_layers=13, num_kv_heads=4, mlp_mult=3.0, bigram_buckets=2048, ve_dim=96, smear=False,
-                   xsa_last_n=0, attn_gate=True, value_residual=True, doc_mask=True),
+                   xsa_last_n=0, attn_gate=True, value_residual=True, doc_mask=True, swa_every=200,
+                   qat_threshold=0.15, quant_bits_mlp=4, quant_bits_attn=5),
     # 1.1476: 12L, MLP 3x, BigramHash 10240x128, XSA on the last 4, VE on the last two layers.
-    "pr592": dict(num_layers=12, num_kv_heads=4, mlp_mult=3.0, bigram_buckets=10240, xsa_last_n=4),
+    # Late QAT (0.15), int5 MLP / int6 attention, EMA 0.997, SWA every 50 in the last 20%.
+    "pr592": dict(num_layers=12, num_kv_heads=4, mlp_mult=3.0, bigram_buckets=10240, xsa_last_n=4,
+                  qat_threshold=0.15, quant_bits_mlp=5, quant_bits_attn=6),
     # 1.1215: 11L GQA 8/4, MLP 3x relu², BigramHash 2048, XSA last 4, VE 9-10.
-    "pr578": dict(num_kv_heads=4, mlp_mult=3.0, bigram_buckets=2048, xsa_last_n=4),
+    # Early QAT, int6 everywhere, EMA 0.995.
+    "pr578": dict(num_kv_heads=4, mlp_mult=3.0, bigram_buckets=2048, xsa_last_n=4, ema_decay=0.995,
+                  quant_bits_mlp=6, quant_bits_attn=6),
     # PR #1319 (its 0.6951 came from a SLOT that leaks; the model is PR #1019's): LeakyReLU², XSA all,
     # BigramHash 3072x112.
-    "pr1319": dict(num_kv_heads=4, mlp_mult=3.0, mlp_act="leaky_relu2", bigram_buckets=3072, bigram_dim=112),
+    # Parallel Muon, late QAT, int6 MLP + attention, int8 embeddings, EMA 0.997 + SWA every 50.
+    "pr1319": dict(num_kv_heads=4, mlp_mult=3.0, mlp_act="leaky_relu2", bigram_buckets=3072, bigram_dim=112,
+                   qat_threshold=0.15, quant_bits_mlp=6, quant_bits_attn=6),
     # A few minutes on a 2-core CPU with the bundled sample: the whole pipeline, every technique, small.
     "smoke": dict(
         data_path="./data/sample/fineweb_sp1024", device="auto", compile=False,
@@ -199,7 +245,7 @@ PRESETS: dict[str, dict] = {
         train_batch_tokens=8192, train_seq_len=256, grad_accum_steps=1, val_loss_every=0,
         train_log_every=25, eval_seq_len=256, eval_batch_tokens=16384, muon_momentum_warmup_steps=50,
         num_layers=4, model_dim=128, num_heads=4, num_kv_heads=2, bigram_buckets=2048, bigram_dim=32,
-        ve_dim=32, xsa_last_n=4,
+        ve_dim=32, xsa_last_n=4, ema_decay=0.95, swa_every=10,
     ),
 }
 
@@ -412,6 +458,14 @@ class TrainLoader:
         self.local_tokens = h.train_batch_tokens // (rt.world_size * accum)
         self.stream = TokenStream(shard_paths(h.data_path, "train"), h.vocab_size)
 
+    def state(self) -> dict:
+        return dict(shard=self.stream.shard, pos=self.stream.pos)
+
+    def load_state(self, state: dict) -> None:
+        s = self.stream
+        s.shard, s.pos = state["shard"], state["pos"]
+        s.tokens = read_shard(s.paths[s.shard], s.vocab_size)
+
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         span = self.local_tokens + 1
         chunk = self.stream.take(span * self.rt.world_size)[self.rt.rank * span:(self.rt.rank + 1) * span]
@@ -479,6 +533,30 @@ def load_val_data(h: Settings, sp: spm.SentencePieceProcessor) -> ValData:
 
 
 # -----------------------------------------------------------------------------
+# QUANTIZATION GRID (shared by QAT in training and the exporter)
+# -----------------------------------------------------------------------------
+
+
+def quantize_rows(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row grid: q in [-(2^(b-1)-1), 2^(b-1)-1], scale = row absmax / qmax, stored fp16."""
+    qmax = 2 ** (bits - 1) - 1
+    scale = (w.detach().abs().amax(dim=1) / qmax).clamp_min(1e-8).to(torch.float16)
+    q = torch.round(w / scale.to(w.dtype)[:, None]).clamp(-qmax, qmax)
+    return q, scale
+
+
+def fake_quantize(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """The weights exactly as the exporter will store them, with a straight-through gradient."""
+    q, scale = quantize_rows(w, bits)
+    return w + (q * scale.to(w.dtype)[:, None] - w).detach()
+
+
+def tensor_group(name: str) -> str:
+    """Quantization group of a parameter: mlp, attn or embed (tables and the remaining matrices)."""
+    return "mlp" if ".mlp." in name else "attn" if ".attn." in name else "embed"
+
+
+# -----------------------------------------------------------------------------
 # MODEL
 # -----------------------------------------------------------------------------
 
@@ -539,17 +617,35 @@ class Rotary(nn.Module):
         self.dims = dims
         self.register_buffer("inv_freq", 1.0 / base ** (torch.arange(0, dims, 2, dtype=torch.float32) / dims),
                              persistent=False)
-        self._cache: tuple[int, torch.device, torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, H, D)
-        T = x.size(1)
-        if self._cache is None or self._cache[0] != T or self._cache[1] != x.device:
-            freqs = torch.outer(torch.arange(T, device=x.device, dtype=torch.float32), self.inv_freq.to(x.device))
-            self._cache = (T, x.device, freqs.cos()[None, :, None], freqs.sin()[None, :, None])
-        cos, sin = self._cache[2], self._cache[3]
+        # Recomputed per call (T x dims/2, negligible): no Python-side cache for torch.compile to guard on.
+        freqs = torch.outer(torch.arange(x.size(1), device=x.device, dtype=torch.float32), self.inv_freq)
+        cos, sin = freqs.cos()[None, :, None], freqs.sin()[None, :, None]
         half = self.dims // 2  # rotate-half convention: pairs (i, i + half) inside the rotated dims
         x1, x2, rest = x[..., :half], x[..., half:self.dims], x[..., self.dims:]
         return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1).type_as(x)
+
+
+class QATLinear(nn.Linear):
+    """nn.Linear whose forward sees fake-quantized weights while qat_bits > 0.
+
+    qat_bits is an instance attribute that torch.compile guards on, so switching it selects another
+    compiled graph (both are compiled in the warm-up) instead of being constant-folded away."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int):
+        super().__init__(in_features, out_features, bias=False)
+        self.bits, self.qat_bits = bits, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = fake_quantize(self.weight, self.qat_bits) if self.qat_bits else self.weight
+        return F.linear(x, w.to(x.dtype))
+
+
+def set_qat(model: nn.Module, on: bool) -> None:
+    for m in model.modules():
+        if isinstance(m, QATLinear):
+            m.qat_bits = m.bits if on else 0
 
 
 class Attention(nn.Module):
@@ -558,10 +654,11 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads = h.num_heads, h.num_kv_heads
         self.head_dim = h.model_dim // h.num_heads
         kv_dim = self.num_kv_heads * self.head_dim
-        self.c_q = nn.Linear(h.model_dim, h.model_dim, bias=False)
-        self.c_k = nn.Linear(h.model_dim, kv_dim, bias=False)
-        self.c_v = nn.Linear(h.model_dim, kv_dim, bias=False)
-        self.proj = nn.Linear(h.model_dim, h.model_dim, bias=False)
+        bits = h.quant_bits_attn
+        self.c_q = QATLinear(h.model_dim, h.model_dim, bits)
+        self.c_k = QATLinear(h.model_dim, kv_dim, bits)
+        self.c_v = QATLinear(h.model_dim, kv_dim, bits)
+        self.proj = QATLinear(h.model_dim, h.model_dim, bits)
         self.proj._zero_init = True
         self.q_gain = nn.Parameter(torch.full((h.num_heads,), h.qk_gain_init))
         self.rotary = Rotary(h.rope_dims or self.head_dim, h.rope_base)
@@ -607,8 +704,8 @@ class MLP(nn.Module):
     def __init__(self, h: Settings):
         super().__init__()
         hidden = int(h.mlp_mult * h.model_dim)
-        self.fc = nn.Linear(h.model_dim, hidden, bias=False)
-        self.proj = nn.Linear(hidden, h.model_dim, bias=False)
+        self.fc = QATLinear(h.model_dim, hidden, h.quant_bits_mlp)
+        self.proj = QATLinear(hidden, h.model_dim, h.quant_bits_mlp)
         self.proj._zero_init = True
         self.leaky = h.mlp_act == "leaky_relu2"
 
@@ -789,59 +886,129 @@ def param_table(model: nn.Module) -> dict[str, int]:
 
 
 # -----------------------------------------------------------------------------
-# MUON OPTIMIZER (from modded-nanogpt)
+# OPTIMIZERS (Muon from modded-nanogpt), SCHEDULES, WEIGHT AVERAGING
 # -----------------------------------------------------------------------------
 
 
 def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int, eps: float = 1e-7) -> torch.Tensor:
-    """Approximately orthogonalize G (U S V^T -> U V^T) with a quintic Newton-Schulz iteration."""
+    """Approximately orthogonalize G (U S V^T -> U V^T) with a quintic Newton-Schulz iteration.
+    G: one matrix (M, K) or a batch (B, M, K), each normalized by its own Frobenius norm."""
     a, b, c = 3.4445, -4.7750, 2.0315
     X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)  # fp32 on CPU: bf16 matmuls are slow there
-    X = X / (X.norm() + eps)
-    transposed = X.size(0) > X.size(1)
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
+    transposed = X.size(-2) > X.size(-1)
     if transposed:
-        X = X.T
+        X = X.mT
     for _ in range(steps):
-        A = X @ X.T
+        A = X @ X.mT
         X = a * X + (b * A + c * A @ A) @ X
-    return (X.T if transposed else X).to(G.dtype)
+    return (X.mT if transposed else X).to(G.dtype)
+
+
+def _reduce_scatter_mean(full: torch.Tensor, rt: Runtime):
+    """Start the mean over ranks of `full`; returns a function that waits and gives this rank's
+    contiguous slice of dim 0."""
+    per = full.size(0) // rt.world_size
+    if dist.get_backend() == "nccl":
+        out = torch.empty_like(full[:per])
+        work = dist.reduce_scatter_tensor(out, full, op=dist.ReduceOp.AVG, async_op=True)
+        return lambda: (work.wait(), out)[1]
+    work = dist.all_reduce(full, async_op=True)  # gloo has no reduce-scatter: same values, more traffic
+    return lambda: (work.wait(), full[rt.rank * per:(rt.rank + 1) * per] / rt.world_size)[1]
+
+
+def _all_gather(shard: torch.Tensor, rt: Runtime) -> torch.Tensor:
+    if dist.get_backend() == "nccl":
+        out = torch.empty((shard.size(0) * rt.world_size, *shard.shape[1:]), dtype=shard.dtype, device=shard.device)
+        dist.all_gather_into_tensor(out, shard.contiguous())
+        return out
+    parts = [torch.empty_like(shard) for _ in range(rt.world_size)]
+    dist.all_gather(parts, shard.contiguous())
+    return torch.cat(parts)
 
 
 class Muon(torch.optim.Optimizer):
-    """Momentum, then Newton-Schulz orthogonalized updates for 2-D matrices.
+    """Nesterov momentum, then Newton-Schulz orthogonalized updates, for 2-D matrices.
 
-    Work is split round-robin: rank r orthogonalizes params r, r+W, ...; one all-reduce of the
-    flat update buffer shares the results. Gradients must already be averaged across ranks.
+    Matrices of one shape form a bank, orthogonalized as one batch. With PARALLEL_MUON on several
+    ranks (PR #1319) the bank gradients are not all-reduced beforehand: prepare() reduce-scatters each
+    bank so rank r owns a contiguous slice of its matrices, step() runs momentum and Newton-Schulz
+    on that slice only and all-gathers the updates. Otherwise every rank updates whole banks from
+    gradients that are already averaged. Both give the single-process update.
     """
 
-    def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float, rt: Runtime):
+    def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float,
+                 rt: Runtime, parallel: bool):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps,
                                       weight_decay=weight_decay))
-        self.rt = rt
+        self.rt, self.parallel = rt, parallel and rt.distributed
+        banks: dict[tuple, list[nn.Parameter]] = {}
+        for p in self.param_groups[0]["params"]:
+            banks.setdefault(tuple(p.shape), []).append(p)
+        self.banks = sorted(banks.values(), key=lambda b: -b[0].numel() * len(b))  # biggest first
+        self.shards: list[torch.Tensor] = []
+
+    def _slice(self, n: int) -> tuple[int, int]:
+        per = math.ceil(n / self.rt.world_size) if self.parallel else n
+        return per, (self.rt.rank * per if self.parallel else 0)
+
+    @torch.no_grad()
+    def prepare(self) -> None:
+        """Start gathering this rank's slice of each bank's mean gradient (the whole bank without
+        PARALLEL_MUON); the communication runs while the caller all-reduces the AdamW gradients."""
+        self.pending = []
+        for bank in self.banks:
+            grads = torch.stack([p.grad for p in bank])
+            if self.parallel:
+                per, _ = self._slice(len(bank))
+                padded = grads.new_zeros((per * self.rt.world_size, *grads.shape[1:]))
+                padded[:len(bank)] = grads
+                self.pending.append(_reduce_scatter_mean(padded, self.rt))
+            else:
+                self.pending.append(lambda grads=grads: grads)
+
+    def finish(self) -> None:
+        self.shards = [wait() for wait in self.pending]
+
+    def grad_sq_norm(self) -> torch.Tensor:
+        """Squared norm of the full (all ranks) mean gradient of the banks."""
+        sq = sum((g.float().square().sum() for g in self.shards), torch.zeros((), device=self.shards[0].device))
+        if self.parallel:
+            dist.all_reduce(sq)
+        return sq
 
     @torch.no_grad()
     def step(self) -> None:
-        for group in self.param_groups:
-            params = group["params"]
-            flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=torch.float32)
-            offset = 0
-            for i, p in enumerate(params):
-                if i % self.rt.world_size == self.rt.rank and p.grad is not None:
-                    buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
-                    buf.mul_(group["momentum"]).add_(p.grad)
-                    g = p.grad.add(buf, alpha=group["momentum"])  # Nesterov
-                    g = zeropower_via_newtonschulz5(g, group["backend_steps"])
-                    g *= max(1.0, g.size(0) / g.size(1)) ** 0.5
-                    flat[offset:offset + p.numel()] = g.flatten()
-                offset += p.numel()
-            if self.rt.distributed:
-                dist.all_reduce(flat)
-            offset = 0
-            for p in params:
-                if group["weight_decay"]:
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(flat[offset:offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
-                offset += p.numel()
+        group = self.param_groups[0]
+        lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
+        for bank, g in zip(self.banks, self.shards):
+            buf = self.state[bank[0]].setdefault("momentum_buffer", torch.zeros_like(g))
+            buf.mul_(mom).add_(g)
+            update = zeropower_via_newtonschulz5(g.add(buf, alpha=mom), group["backend_steps"])  # Nesterov
+            update *= max(1.0, g.size(-2) / g.size(-1)) ** 0.5
+            if self.parallel:
+                update = _all_gather(update, self.rt)
+            for i, p in enumerate(bank):
+                if wd:
+                    p.mul_(1 - lr * wd)
+                p.add_(update[i].to(p.dtype), alpha=-lr)
+
+    def full_momentum(self) -> list[torch.Tensor]:
+        """Every bank's whole momentum buffer (gathered from the ranks' slices), for checkpoints."""
+        out = []
+        for bank in self.banks:
+            buf = self.state[bank[0]].get("momentum_buffer")
+            if buf is None:
+                buf = torch.zeros((self._slice(len(bank))[0], *bank[0].shape), device=bank[0].device)
+            out.append((_all_gather(buf, self.rt) if self.parallel else buf)[:len(bank)].clone())
+        return out
+
+    def load_full_momentum(self, buffers: list[torch.Tensor]) -> None:
+        for bank, full in zip(self.banks, buffers):
+            per, start = self._slice(len(bank))
+            padded = full.new_zeros((per * (self.rt.world_size if self.parallel else 1), *full.shape[1:]))
+            padded[:len(bank)] = full
+            self.state[bank[0]]["momentum_buffer"] = padded[start:start + per].clone()
 
 
 def build_optimizers(h: Settings, rt: Runtime, model: GPT) -> list[torch.optim.Optimizer]:
@@ -857,7 +1024,7 @@ def build_optimizers(h: Settings, rt: Runtime, model: GPT) -> list[torch.optim.O
     adam = torch.optim.AdamW(adam_groups, betas=(h.beta1, h.beta2), eps=h.adam_eps, weight_decay=h.adam_wd,
                              fused=rt.device.type == "cuda")
     muon = Muon(matrices, lr=h.matrix_lr, momentum=h.muon_momentum, backend_steps=h.muon_backend_steps,
-                weight_decay=h.muon_wd, rt=rt)
+                weight_decay=h.muon_wd, rt=rt, parallel=h.parallel_muon)
     for group in muon.param_groups:
         group["base_lr"] = h.matrix_lr
     return [adam, muon]
@@ -870,22 +1037,92 @@ def muon_momentum_at(h: Settings, step: int) -> float:
     return (1 - frac) * h.muon_momentum_warmup_start + frac * h.muon_momentum
 
 
-def lr_scale(h: Settings, step: int, elapsed_ms: float) -> float:
-    """Linear warmdown to 0 over the last WARMDOWN_ITERS steps, converted to wall-clock under a cap."""
+def train_cap_ms(h: Settings) -> float:
+    """The training loop's budget: MAX_WALLCLOCK_SECONDS less what calibration keeps for itself."""
+    return 1000.0 * (h.max_wallclock_seconds - h.gptq_reserve_seconds) if h.max_wallclock_seconds > 0 else 0.0
+
+
+def decay_scale(h: Settings, step: int, elapsed_ms: float) -> float:
+    """1 until the last WARMDOWN_ITERS steps, then linear or cosine down to MIN_LR. Under a wall-clock
+    cap the warmdown is WARMDOWN_ITERS x the mean step time so far, measured back from the cap."""
     if h.warmdown_iters <= 0:
         return 1.0
-    if h.max_wallclock_seconds <= 0:
-        start = max(h.iterations - h.warmdown_iters, 0)
-        return max((h.iterations - step) / h.warmdown_iters, 0.0) if step >= start else 1.0
-    step_ms = elapsed_ms / max(step, 1)
-    warmdown_ms = h.warmdown_iters * step_ms
-    remaining_ms = max(1000.0 * h.max_wallclock_seconds - elapsed_ms, 0.0)
-    return remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
+    cap_ms = train_cap_ms(h)
+    if cap_ms <= 0:
+        frac = (step - (h.iterations - h.warmdown_iters)) / h.warmdown_iters
+    else:
+        warmdown_ms = h.warmdown_iters * elapsed_ms / max(step, 1)
+        frac = 1.0 - (cap_ms - elapsed_ms) / warmdown_ms if warmdown_ms > 0 else 0.0
+    frac = min(max(frac, 0.0), 1.0)
+    decay = 1.0 - frac if h.lr_schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * frac))
+    return h.min_lr + (1.0 - h.min_lr) * decay
+
+
+def lr_scale(h: Settings, step: int, elapsed_ms: float) -> float:
+    warmup = min(1.0, (step + 1) / h.lr_warmup_steps) if h.lr_warmup_steps else 1.0
+    return warmup * decay_scale(h, step, elapsed_ms)
+
+
+def budget_fraction(h: Settings, step: int, elapsed_ms: float) -> float:
+    cap_ms = train_cap_ms(h)
+    return elapsed_ms / cap_ms if cap_ms > 0 else step / h.iterations
+
+
+class WeightAverager:
+    """EMA of the weights after every step (fp32) and SWA snapshots every SWA_EVERY steps once the
+    LR scale is below SWA_START; final() gives the weights FINAL_WEIGHTS asks for."""
+
+    def __init__(self, h: Settings, model: nn.Module):
+        self.h, self.params = h, list(model.parameters())
+        self.ema = [p.detach().float().clone() for p in self.params] if h.ema_decay > 0 else None
+        self.swa: list[torch.Tensor] | None = None
+        self.swa_count = 0
+
+    @torch.no_grad()
+    def update(self, step: int, decay: float) -> None:
+        if self.ema is not None:
+            torch._foreach_lerp_(self.ema, [p.detach().float() for p in self.params], 1.0 - self.h.ema_decay)
+        if self.h.swa_every and decay < self.h.swa_start and step % self.h.swa_every == 0:
+            if self.swa is None:
+                self.swa = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
+                log(f"swa:start step:{step}")
+            torch._foreach_add_(self.swa, [p.detach().float() for p in self.params])
+            self.swa_count += 1
+
+    def final(self) -> tuple[str, list[torch.Tensor] | None]:
+        """(what was chosen, weights or None for the live ones), falling back when one is missing."""
+        ema = self.ema
+        swa = [t / self.swa_count for t in self.swa] if self.swa_count else None
+        choice = self.h.final_weights
+        if choice == "live":
+            return "live", None
+        if choice == "blend" and ema is not None and swa is not None:
+            return "blend", [self.h.blend_ema * e + (1 - self.h.blend_ema) * s for e, s in zip(ema, swa)]
+        for name, weights in ((choice, {"ema": ema, "swa": swa}.get(choice)), ("ema", ema), ("swa", swa)):
+            if weights is not None:
+                return name, weights
+        return "live", None
+
+    @torch.no_grad()
+    def apply_final(self) -> str:
+        name, weights = self.final()
+        if weights is not None:
+            for p, w in zip(self.params, weights):
+                p.copy_(w.to(p.dtype))
+        return name
+
+    def state_dict(self) -> dict:
+        return dict(ema=self.ema, swa=self.swa, swa_count=self.swa_count)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ema, self.swa, self.swa_count = state["ema"], state["swa"], state["swa_count"]
 
 
 def all_reduce_grads(params: list[nn.Parameter], rt: Runtime) -> None:
     """Average gradients across ranks with one flat all-reduce (SUM then divide: gloo has no AVG)."""
     grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
     flat = torch.cat([g.flatten() for g in grads])
     dist.all_reduce(flat)
     flat /= rt.world_size
@@ -938,31 +1175,33 @@ def evaluate(h: Settings, rt: Runtime, model: nn.Module, val: ValData) -> tuple[
 
 
 # -----------------------------------------------------------------------------
-# ARTIFACT: INT8 PER-ROW QUANTIZATION + ZSTD, NO PICKLE
+# ARTIFACT: PER-ROW INT4-INT8 QUANTIZATION + ZSTD, NO PICKLE
 # -----------------------------------------------------------------------------
 
 ARTIFACT_MAGIC = b"PGOLF\x01"
-QUANT_MIN_NUMEL = 65536  # smaller tensors (norm gains, scalars) are kept as fp16
+QUANT_MIN_NUMEL = 65536  # smaller tensors (gains, scales, small projections) are kept as fp16
 
 
 class ArtifactError(ValueError):
     """An artifact that is not ours, corrupt or truncated, or made for another model shape."""
 
 
-def quantize_int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8: q in [-127, 127], scale = row absmax / 127 (fp16)."""
-    scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-8).to(torch.float16)
-    q = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
-    return q, scale
+def export_bits(h: Settings, state: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Bits of every tensor that gets quantized: matrices over QUANT_MIN_NUMEL elements, by group."""
+    group_bits = {"mlp": h.quant_bits_mlp, "attn": h.quant_bits_attn, "embed": h.quant_bits_embed}
+    return {name: group_bits[tensor_group(name)] for name, t in state.items()
+            if t.is_floating_point() and t.ndim == 2 and t.numel() > QUANT_MIN_NUMEL}
 
 
-def quantize_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+def quantize_state(state: dict[str, torch.Tensor], bits: dict[str, int]):
+    """(arrays, meta): int8-stored codes + fp16 row scales for tensors in bits, the rest as is (floats fp16)."""
     arrays, meta = {}, {}
     for name, t in state.items():
         t = t.detach().cpu()
-        if t.is_floating_point() and t.ndim == 2 and t.numel() > QUANT_MIN_NUMEL:
-            arrays[name + ".q"], arrays[name + ".scale"] = quantize_int8_rows(t.float())
-            meta[name] = dict(kind="int8_row", dtype=str(t.dtype).removeprefix("torch."))
+        if name in bits:
+            q, arrays[name + ".scale"] = quantize_rows(t.float(), bits[name])
+            arrays[name + ".q"] = q.to(torch.int8)
+            meta[name] = dict(kind="int_row", bits=bits[name], dtype=str(t.dtype).removeprefix("torch."))
         else:
             arrays[name] = t.to(torch.float16) if t.is_floating_point() else t
             meta[name] = dict(kind="raw", dtype=str(t.dtype).removeprefix("torch."))
@@ -973,16 +1212,16 @@ def dequantize_state(arrays: dict[str, torch.Tensor], meta: dict[str, dict]) -> 
     state = {}
     for name, m in meta.items():
         dtype = getattr(torch, m["dtype"])
-        if m["kind"] == "int8_row":
+        if m["kind"] == "int_row":
             state[name] = (arrays[name + ".q"].float() * arrays[name + ".scale"].float()[:, None]).to(dtype)
         else:
             state[name] = arrays[name].to(dtype)
     return state
 
 
-def serialize_artifact(state: dict[str, torch.Tensor], zstd_level: int) -> bytes:
+def serialize_artifact(state: dict[str, torch.Tensor], bits: dict[str, int], zstd_level: int) -> bytes:
     """MAGIC | zstd( u32 header length | JSON header | tensor bytes ); the header holds a sha256."""
-    arrays, meta = quantize_state(state)
+    arrays, meta = quantize_state(state, bits)
     entries, chunks, offset = [], [], 0
     for name, t in arrays.items():
         data = t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
@@ -991,7 +1230,7 @@ def serialize_artifact(state: dict[str, torch.Tensor], zstd_level: int) -> bytes
         chunks.append(data)
         offset += len(data)
     payload = b"".join(chunks)
-    header = json.dumps(dict(format="int8_row+zstd", tensors=entries, meta=meta,
+    header = json.dumps(dict(format="int_row+zstd", tensors=entries, meta=meta,
                              sha256=hashlib.sha256(payload).hexdigest())).encode()
     raw = struct.pack("<I", len(header)) + header + payload
     return ARTIFACT_MAGIC + zstandard.ZstdCompressor(level=zstd_level).compress(raw)
@@ -1058,11 +1297,18 @@ class Trainer:
         self.compiled = maybe_compile(h, model)
         self.optimizers = build_optimizers(h, rt, model)
         self.params = list(model.parameters())
+        self.adam_params = [p for g in self.optimizers[0].param_groups for p in g["params"]]
         self.loader = TrainLoader(h, rt, self.accum)
+        self.averager = WeightAverager(h, model)
+        self.qat_on = False
+        self.seconds = dict(ema_swa=0.0, checkpoint=0.0)  # host time spent outside the model's steps
+        self.start_step, self.start_ms = 0, 0.0
+        self.checkpoint_path = Path(h.checkpoint_path or Path(h.log_dir) / f"{h.run_id}.ckpt")
 
     def step(self, step: int, elapsed_ms: float) -> torch.Tensor:
         """One optimizer step over accum micro-batches; returns the mean train loss (on device)."""
         h = self.h
+        self.maybe_start_qat(step, elapsed_ms)
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.rt.device)
@@ -1072,18 +1318,47 @@ class Trainer:
                 loss = self.compiled(x, y).mean()
             (loss / self.accum).backward()
             total += loss.detach()
-        if self.rt.distributed:
-            all_reduce_grads(self.params, self.rt)
+        adam, muon = self.optimizers
+        if muon.parallel:  # the banks' reduce-scatters overlap the AdamW grads' all-reduce
+            muon.prepare()
+            all_reduce_grads(self.adam_params, self.rt)
+        else:
+            if self.rt.distributed:
+                all_reduce_grads(self.params, self.rt)
+            muon.prepare()
+        muon.finish()
+        if h.grad_clip_norm > 0:  # on the global norm of the mean gradient, as one process computes it
+            sq = muon.grad_sq_norm() + sum((p.grad.float().square().sum() for p in self.adam_params
+                                            if p.grad is not None), torch.zeros((), device=self.rt.device))
+            coef = (h.grad_clip_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
+            for g in muon.shards + [p.grad for p in self.adam_params if p.grad is not None]:
+                g.mul_(coef.to(g.dtype))
         scale = lr_scale(h, step, elapsed_ms)
         for opt in self.optimizers:
             for group in opt.param_groups:
                 group["lr"] = group["base_lr"] * scale
-        self.optimizers[1].param_groups[0]["momentum"] = muon_momentum_at(h, step)
-        if h.grad_clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, h.grad_clip_norm)
-        for opt in self.optimizers:
-            opt.step()
+        muon.param_groups[0]["momentum"] = muon_momentum_at(h, step)
+        adam.step()
+        muon.step()
+        t0 = time.perf_counter()
+        self.averager.update(step + 1, decay_scale(h, step, elapsed_ms))
+        self.seconds["ema_swa"] += time.perf_counter() - t0
         return total / self.accum
+
+    def maybe_start_qat(self, step: int, elapsed_ms: float) -> None:
+        """QAT on once the LR scale falls below QAT_THRESHOLD, or at QAT_START_FRAC of the budget."""
+        h = self.h
+        if self.qat_on or not (h.qat_threshold or h.qat_start_frac):
+            return
+        scale = decay_scale(h, step, elapsed_ms)
+        if h.qat_start_frac:
+            start = budget_fraction(h, step, elapsed_ms) >= h.qat_start_frac
+        else:
+            start = scale < h.qat_threshold
+        if start:
+            set_qat(self.model, True)
+            self.qat_on = True
+            log(f"qat:enabled step:{step} scale:{scale:.4f}")
 
     def warmup(self) -> float:
         """Run WARMUP_STEPS to compile and warm kernels, then restore the initial state and data."""
@@ -1092,15 +1367,53 @@ class Trainer:
         t0 = time.perf_counter()
         model_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         opt_states = [_clone_state(opt.state_dict()) for opt in self.optimizers]
+        qat = bool(self.h.qat_threshold or self.h.qat_start_frac)
         for i in range(self.h.warmup_steps):
+            # With QAT configured, the last half runs with it on, so both graphs are compiled now.
+            set_qat(self.model, qat and i >= self.h.warmup_steps // 2)
+            self.qat_on = True  # no trigger during the warm-up
             self.step(0, 0.0)
             log(f"warmup_step:{i + 1}/{self.h.warmup_steps}")
+        set_qat(self.model, False)
+        self.qat_on = False
         self.model.load_state_dict(model_state)
         for opt, state in zip(self.optimizers, opt_states):
             opt.load_state_dict(state)
         self.loader = TrainLoader(self.h, self.rt, self.accum)
+        self.averager = WeightAverager(self.h, self.model)
         _sync(self.rt)
         return time.perf_counter() - t0
+
+    def save_checkpoint(self, path: Path, step: int, train_ms: float) -> None:
+        """Everything a resumed run needs; rank 0 writes it atomically (temp file, then rename)."""
+        adam, muon = self.optimizers
+        state = dict(step=step, train_ms=train_ms, qat_on=self.qat_on, model=self.model.state_dict(),
+                     adam=adam.state_dict(), muon=muon.full_momentum(), averager=self.averager.state_dict(),
+                     loader=self.loader.state())
+        if self.rt.is_main:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            torch.save(state, tmp)
+            os.replace(tmp, path)
+            log(f"checkpoint:saved step:{step} train_time:{train_ms:.0f}ms path:{path}")
+
+    def load_checkpoint(self, path: str) -> None:
+        if not Path(path).is_file():
+            raise SettingsError(f"RESUME={path} does not exist")
+        state = torch.load(path, map_location=self.rt.device, weights_only=True)
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizers[0].load_state_dict(state["adam"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise SettingsError(f"RESUME={path} does not match this model's settings "
+                                f"({str(e).splitlines()[0]})") from None
+        self.optimizers[1].load_full_momentum(state["muon"])
+        self.averager.load_state_dict(state["averager"])
+        self.loader.load_state(state["loader"])
+        self.qat_on = state["qat_on"]
+        set_qat(self.model, self.qat_on)
+        self.start_step, self.start_ms = state["step"], state["train_ms"]
+        log(f"checkpoint:resumed step:{self.start_step} train_time:{self.start_ms:.0f}ms path:{path}")
 
     def validate(self, step: int, train_ms: float) -> None:
         loss, bpb, _, _ = evaluate(self.h, self.rt, self.compiled, self.val)
@@ -1110,8 +1423,9 @@ class Trainer:
     def run(self) -> tuple[int, float]:
         """The timed loop; returns (steps, training ms). Validation pauses the clock."""
         h, rt = self.h, self.rt
-        cap_ms = 1000.0 * h.max_wallclock_seconds
-        train_ms, step, stop_at = 0.0, 0, None
+        cap_ms = train_cap_ms(h)
+        train_ms, step, stop_at = self.start_ms, self.start_step, None
+        last_ckpt_ms = train_ms
         _sync(rt)
         t0 = time.perf_counter()
         while True:
@@ -1124,6 +1438,8 @@ class Trainer:
             if last:
                 if stop_at is not None and step < h.iterations:
                     log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{h.iterations}")
+                if h.checkpoint_every_seconds:
+                    self.save_checkpoint(self.checkpoint_path, step, train_ms)
                 return step, train_ms
             loss = self.step(step, train_ms + 1000.0 * (time.perf_counter() - t0))
             step += 1
@@ -1143,6 +1459,14 @@ class Trainer:
                     f"step_avg:{now_ms / step:.2f}ms")
             if reached_cap and stop_at is None:
                 stop_at = step
+            if h.checkpoint_every_seconds and now_ms - last_ckpt_ms >= 1000 * h.checkpoint_every_seconds \
+                    and step != stop_at and step != h.iterations:
+                _sync(rt)  # the clock stops while the checkpoint is written
+                t1 = time.perf_counter()
+                train_ms += 1000.0 * (t1 - t0)
+                self.save_checkpoint(self.checkpoint_path, step, train_ms)
+                self.seconds["checkpoint"] += time.perf_counter() - t1
+                last_ckpt_ms, t0 = train_ms, time.perf_counter()
 
 
 def _clone_state(obj):
@@ -1170,15 +1494,16 @@ def write_artifact(h: Settings, rt: Runtime, model: GPT) -> Path:
     path = Path(h.artifact_path or Path(h.log_dir) / f"{h.run_id}.ptz")
     if rt.is_main:
         t0 = time.perf_counter()
-        blob = serialize_artifact(model.state_dict(), h.zstd_level)
+        state = model.state_dict()
+        blob = serialize_artifact(state, export_bits(h, state), h.zstd_level)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(blob)
         code_bytes = len(Path(__file__).read_bytes())
         total = len(blob) + code_bytes
-        log(f"Serialized model int8+zstd: {len(blob)} bytes ({time.perf_counter() - t0:.1f}s) path:{path}")
+        log(f"Serialized model quant+zstd: {len(blob)} bytes ({time.perf_counter() - t0:.1f}s) path:{path} "
+            f"bits mlp:{h.quant_bits_mlp} attn:{h.quant_bits_attn} embed:{h.quant_bits_embed}")
         log(f"Code size: {code_bytes} bytes")
-        log(f"Total submission size int8+zstd: {total} bytes limit:{h.size_limit} "
-            f"fits:{total <= h.size_limit}")
+        log(f"Total submission size quant+zstd: {total} bytes limit:{h.size_limit} fits:{total <= h.size_limit}")
     if rt.distributed:
         dist.barrier()
     return path
@@ -1220,11 +1545,23 @@ def train_and_eval(h: Settings, rt: Runtime) -> None:
     log(f"seed:{h.seed}")
 
     warm_s = trainer.warmup()
+    if h.resume:
+        trainer.load_checkpoint(h.resume)
     steps, train_ms = trainer.run()
-    log(f"time: compile_warmup:{warm_s:.1f}s training:{train_ms / 1000:.1f}s steps:{steps}")
+    log(f"time: compile_warmup:{warm_s:.1f}s training:{train_ms / 1000:.1f}s ema_swa_host:"
+        f"{trainer.seconds['ema_swa']:.1f}s checkpoints:{trainer.seconds['checkpoint']:.1f}s steps:{steps}")
     if rt.device.type == "cuda":
         log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
             f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
+
+    # The averaged weights really replace the live ones (public records collected SWA, never used it).
+    set_qat(model, False)
+    chosen = trainer.averager.apply_final()
+    if chosen != "live":
+        t0 = time.perf_counter()
+        loss, bpb, _, _ = evaluate(h, rt, model, val)
+        log(f"final_weights:{chosen} swa_snapshots:{trainer.averager.swa_count} val_loss:{loss:.4f} "
+            f"val_bpb:{bpb:.4f} eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
 
     # The score comes from the artifact loaded into a fresh model, never from the live one.
     path = write_artifact(h, rt, model)
@@ -1233,8 +1570,8 @@ def train_and_eval(h: Settings, rt: Runtime) -> None:
     t0 = time.perf_counter()
     loss, bpb, tokens, nbytes = evaluate(h, rt, maybe_compile(h, fresh), val)
     eval_ms = 1000.0 * (time.perf_counter() - t0)
-    log(f"final_int8_zstd_roundtrip val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{eval_ms:.0f}ms")
-    log(f"final_int8_zstd_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} "
+    log(f"final_quant_zstd_roundtrip val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{eval_ms:.0f}ms")
+    log(f"final_quant_zstd_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} "
         f"scored_tokens:{tokens} scored_bytes:{nbytes}")
 
 

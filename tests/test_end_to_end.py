@@ -8,7 +8,7 @@ import pytest
 from conftest import ROOT, TOKENIZER
 
 STEP = re.compile(r"^step:(\d+)/\d+ train_loss:([\d.]+)", re.M)
-FINAL = re.compile(r"^final_int8_zstd_roundtrip_exact val_loss:([\d.]+) val_bpb:([\d.]+)", re.M)
+FINAL = re.compile(r"^final_quant_zstd_roundtrip_exact val_loss:([\d.]+) val_bpb:([\d.]+)", re.M)
 
 
 def run(cmd, env, tmp_path, timeout=300):
@@ -21,17 +21,19 @@ def run(cmd, env, tmp_path, timeout=300):
 
 def tiny_run_env(data_path, **extra):
     return {**dict(DATA_PATH=str(data_path), TOKENIZER_PATH=str(TOKENIZER), DEVICE="cpu", COMPILE="0",
-                   NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", TRAIN_SEQ_LEN="32",
+                   NUM_LAYERS="2", MODEL_DIM="128", NUM_HEADS="4", NUM_KV_HEADS="2", TRAIN_SEQ_LEN="32",
                    EVAL_SEQ_LEN="64", TRAIN_BATCH_TOKENS="256", ITERATIONS="6", WARMUP_STEPS="1",
                    MAX_WALLCLOCK_SECONDS="0", WARMDOWN_ITERS="3", VAL_LOSS_EVERY="3", TRAIN_LOG_EVERY="1",
                    OMP_NUM_THREADS="1"), **extra}
 
 
-def test_two_gloo_processes_follow_the_single_process_trajectory(small_data, tmp_path):
+@pytest.mark.parametrize("parallel_muon", ["1", "0"])
+def test_two_gloo_processes_follow_the_single_process_trajectory(small_data, tmp_path, parallel_muon):
+    """Parallel Muon (sharded banks) and plain Muon on 2 ranks both give the 1-process run."""
     single = run([sys.executable, "train_gpt.py"],
                  tiny_run_env(small_data, GRAD_ACCUM_STEPS="2", RUN_ID="one"), tmp_path)
     double = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_gpt.py"],
-                 tiny_run_env(small_data, GRAD_ACCUM_STEPS="1", RUN_ID="two"), tmp_path)
+                 tiny_run_env(small_data, GRAD_ACCUM_STEPS="1", RUN_ID="two", PARALLEL_MUON=parallel_muon), tmp_path)
     assert "world_size:2 grad_accum_steps:1" in double and "world_size:1 grad_accum_steps:2" in single
     one, two = STEP.findall(single), STEP.findall(double)
     assert [s for s, _ in one] == [s for s, _ in two] == [str(i) for i in range(1, 7)]
@@ -45,14 +47,25 @@ def test_two_gloo_processes_follow_the_single_process_trajectory(small_data, tmp
 def test_smoke_preset_runs_end_to_end(tmp_path):
     out = run([sys.executable, "train_gpt.py"], dict(PRESET="smoke", ITERATIONS="3", RUN_ID="smoke"), tmp_path)
     for line in ("val_tokens:628456 val_bytes:1489418", "step:3/3 train_loss:", "step:3/3 val_loss:",
-                 "Serialized model int8+zstd:", "Code size:", "Total submission size int8+zstd:",
-                 "final_int8_zstd_roundtrip val_loss:", "final_int8_zstd_roundtrip_exact val_loss:"):
+                 "Serialized model quant+zstd:", "Code size:", "Total submission size quant+zstd:",
+                 "final_quant_zstd_roundtrip val_loss:", "final_quant_zstd_roundtrip_exact val_loss:"):
         assert line in out
     assert "scored_tokens:628456 scored_bytes:1489418" in out
     logged = (tmp_path / "logs" / "smoke.txt").read_text()
     assert logged.startswith((ROOT / "train_gpt.py").read_text())  # the log opens with the source
-    assert "python:" in logged and "  model_dim:128" in logged and "final_int8_zstd_roundtrip_exact" in logged
+    assert "python:" in logged and "  model_dim:128" in logged and "final_quant_zstd_roundtrip_exact" in logged
     assert (tmp_path / "logs" / "smoke.ptz").stat().st_size > 0
+
+
+def test_resume_from_a_checkpoint_continues_the_run(small_data, tmp_path):
+    env = tiny_run_env(small_data, WARMDOWN_ITERS="0", VAL_LOSS_EVERY="0", CHECKPOINT_EVERY_SECONDS="1e-9")
+    whole = run([sys.executable, "train_gpt.py"], {**env, "RUN_ID": "whole"}, tmp_path)
+    run([sys.executable, "train_gpt.py"], {**env, "RUN_ID": "part", "ITERATIONS": "3"}, tmp_path)
+    resumed = run([sys.executable, "train_gpt.py"],
+                  {**env, "RUN_ID": "rest", "RESUME": str(tmp_path / "logs" / "part.ckpt")}, tmp_path)
+    assert "checkpoint:resumed step:3" in resumed
+    assert STEP.findall(resumed)[0][0] == "4" and STEP.findall(resumed)[-1] == STEP.findall(whole)[-1]
+    assert FINAL.findall(resumed) == FINAL.findall(whole)
 
 
 def test_non_finite_loss_stops_with_the_step(small_data, tmp_path):

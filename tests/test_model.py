@@ -65,7 +65,9 @@ def test_muon_step_matches_its_definition():
     p = torch.nn.Parameter(torch.randn(32, 16))
     p0, g = p.detach().clone(), torch.randn(32, 16)
     p.grad = g.clone()
-    opt = tg.Muon([p], lr=0.1, momentum=0.9, backend_steps=5, weight_decay=0.5, rt=tg.Runtime())
+    opt = tg.Muon([p], lr=0.1, momentum=0.9, backend_steps=5, weight_decay=0.5, rt=tg.Runtime(), parallel=False)
+    opt.prepare()
+    opt.finish()
     opt.step()
     nesterov = g + 0.9 * g  # buf = g after one step; update uses g + momentum * buf
     expected = p0 * (1 - 0.1 * 0.5) - 0.1 * math.sqrt(2) * tg.zeropower_via_newtonschulz5(nesterov, 5)
@@ -73,7 +75,7 @@ def test_muon_step_matches_its_definition():
 
 
 def test_training_steps_reduce_the_loss(tiny, small_data):
-    h = tiny(data_path=str(small_data), iterations=30, max_wallclock_seconds=0, warmdown_iters=0)
+    h = tiny(data_path=str(small_data), iterations=30, max_wallclock_seconds=0, warmdown_iters=0, qat_threshold=0)
     torch.manual_seed(0)
     model = tg.GPT(h)
     trainer = tg.Trainer(h, tg.Runtime(), model, val=None)
@@ -81,9 +83,9 @@ def test_training_steps_reduce_the_loss(tiny, small_data):
     assert losses[-1] < losses[0] - 1.0
 
 
-def test_schedules():
-    h = type("H", (), dict(warmdown_iters=100, iterations=1000, max_wallclock_seconds=0, muon_momentum=0.95,
-                           muon_momentum_warmup_start=0.85, muon_momentum_warmup_steps=500))()
+def test_schedules(make_settings):
+    h = make_settings(warmdown_iters=100, iterations=1000, max_wallclock_seconds=0, muon_momentum=0.95,
+                      muon_momentum_warmup_start=0.85, muon_momentum_warmup_steps=500)
     assert tg.lr_scale(h, 0, 0) == 1.0 and tg.lr_scale(h, 900, 0) == 1.0
     assert tg.lr_scale(h, 950, 0) == pytest.approx(0.5) and tg.lr_scale(h, 1000, 0) == 0.0
     h.max_wallclock_seconds = 10.0  # 10 s budget, 10 ms per step -> warmdown is the last 1 s
