@@ -68,6 +68,7 @@ class Settings:
     train_batch_tokens: int = 786432  # global, whatever the world size
     train_seq_len: int = 2048
     grad_accum_steps: int = 0  # 0 = 8 // world_size, so one GPU sees the same micro-batches as eight
+    data_order: str = "stream"  # stream: shards in order | coprime: every window once per pass, scrambled by SEED
     val_loss_every: int = 1000  # 0 = only at the end
     checkpoint_every_seconds: float = 0.0  # of training time; also one at the end; 0 = off
     checkpoint_path: str = ""  # empty: <log_dir>/<run_id>.ckpt
@@ -188,6 +189,7 @@ class Settings:
             raise SettingsError(f"head dim MODEL_DIM/NUM_HEADS={self.model_dim // self.num_heads} must be even")
         for name, choices in (("device", ("auto", "cpu", "cuda")), ("mlp_act", ("relu2", "leaky_relu2")),
                               ("attn_backend", ("auto", "sdpa", "fa3")), ("lr_schedule", ("linear", "cosine")),
+                              ("data_order", ("stream", "coprime")),
                               ("final_weights", ("live", "ema", "swa", "blend"))):
             if getattr(self, name) not in choices:
                 raise SettingsError(f"{name.upper()}={getattr(self, name)!r} must be one of: {', '.join(choices)}")
@@ -394,8 +396,9 @@ class DataError(ValueError):
     """Missing or malformed data: the message names the file and the fix."""
 
 
-def read_shard(path: str | Path, vocab_size: int) -> np.ndarray:
-    """Read a challenge shard: 256 int32 header words (magic, version, count), then uint16 tokens."""
+def read_shard(path: str | Path, vocab_size: int, mmap: bool = False) -> np.ndarray:
+    """Read a challenge shard: 256 int32 header words (magic, version, count), then uint16 tokens.
+    With mmap the tokens stay on disk and the caller checks ids against the vocab as it reads them."""
     path = Path(path)
     size = path.stat().st_size
     if size < SHARD_HEADER_BYTES:
@@ -409,11 +412,17 @@ def read_shard(path: str | Path, vocab_size: int) -> np.ndarray:
     if size != SHARD_HEADER_BYTES + 2 * count:
         raise DataError(f"{path}: file is {size} bytes but its header promises {count} tokens "
                         f"({SHARD_HEADER_BYTES + 2 * count} bytes); the file is truncated or corrupt, download it again")
+    if mmap:
+        return np.memmap(path, dtype="<u2", mode="r", offset=SHARD_HEADER_BYTES, shape=(count,))
     tokens = np.fromfile(path, dtype="<u2", count=count, offset=SHARD_HEADER_BYTES)
-    if count and int(tokens.max()) >= vocab_size:
-        raise DataError(f"{path}: token id {int(tokens.max())} >= VOCAB_SIZE={vocab_size}; "
-                        "the shards were made with another tokenizer")
+    check_vocab(tokens, vocab_size, path)
     return tokens
+
+
+def check_vocab(tokens: np.ndarray, vocab_size: int, where) -> None:
+    if tokens.size and int(tokens.max()) >= vocab_size:
+        raise DataError(f"{where}: token id {int(tokens.max())} >= VOCAB_SIZE={vocab_size}; "
+                        "the shards were made with another tokenizer")
 
 
 def shard_paths(data_path: str, split: str) -> list[Path]:
@@ -446,6 +455,34 @@ class TokenStream:
         return np.concatenate(parts)
 
 
+class CoprimeWindows:
+    """Every TRAIN_SEQ_LEN window of every shard once per pass, window k of the pass being
+    (offset + k * stride) mod N with the stride coprime to N: a permutation that needs no memory."""
+
+    def __init__(self, paths: list[Path], vocab_size: int, seq_len: int, seed: int):
+        self.shards = [read_shard(p, vocab_size, mmap=True) for p in paths]
+        self.vocab_size, self.seq_len = vocab_size, seq_len
+        self.starts = np.cumsum([0] + [(len(t) - 1) // seq_len for t in self.shards])
+        self.n = int(self.starts[-1])
+        if self.n == 0:
+            raise DataError(f"train shards hold no full window of TRAIN_SEQ_LEN+1={seq_len + 1} tokens")
+        rng = np.random.default_rng(seed)
+        self.offset, self.stride = int(rng.integers(self.n)), int(rng.integers(1, max(self.n, 2)))
+        while math.gcd(self.stride, self.n) != 1:
+            self.stride = self.stride % self.n + 1
+        self.taken = 0
+
+    def take(self, count: int) -> np.ndarray:
+        """(count, seq_len + 1) token windows."""
+        k = (self.offset + self.stride * (self.taken + np.arange(count, dtype=np.int64))) % self.n
+        self.taken += count
+        shard = np.searchsorted(self.starts, k, side="right") - 1
+        rows = [self.shards[s][(i - self.starts[s]) * self.seq_len:][:self.seq_len + 1] for s, i in zip(shard, k)]
+        out = np.stack(rows)
+        check_vocab(out, self.vocab_size, "train shards")
+        return out
+
+
 class TrainLoader:
     """Each micro-step takes world_size consecutive spans of the stream; rank r trains on span r.
 
@@ -456,17 +493,31 @@ class TrainLoader:
     def __init__(self, h: Settings, rt: Runtime, accum: int):
         self.rt, self.seq_len = rt, h.train_seq_len
         self.local_tokens = h.train_batch_tokens // (rt.world_size * accum)
-        self.stream = TokenStream(shard_paths(h.data_path, "train"), h.vocab_size)
+        paths = shard_paths(h.data_path, "train")
+        if h.data_order == "coprime":
+            self.windows: CoprimeWindows | None = CoprimeWindows(paths, h.vocab_size, h.train_seq_len, h.seed)
+        else:
+            self.windows, self.stream = None, TokenStream(paths, h.vocab_size)
 
     def state(self) -> dict:
+        if self.windows is not None:
+            return dict(taken=self.windows.taken)
         return dict(shard=self.stream.shard, pos=self.stream.pos)
 
     def load_state(self, state: dict) -> None:
+        if self.windows is not None:
+            self.windows.taken = state["taken"]
+            return
         s = self.stream
         s.shard, s.pos = state["shard"], state["pos"]
         s.tokens = read_shard(s.paths[s.shard], s.vocab_size)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.windows is not None:  # rank r's span: its slice of the step's windows
+            n = self.local_tokens // self.seq_len
+            rows = torch.from_numpy(self.windows.take(n * self.rt.world_size)[self.rt.rank * n:(self.rt.rank + 1) * n]
+                                    .astype(np.int64))
+            return rows[:, :-1].to(self.rt.device), rows[:, 1:].to(self.rt.device)
         span = self.local_tokens + 1
         chunk = self.stream.take(span * self.rt.world_size)[self.rt.rank * span:(self.rt.rank + 1) * span]
         local = torch.from_numpy(chunk.astype(np.int64))

@@ -124,3 +124,32 @@ def test_make_shards_trains_a_challenge_style_tokenizer(tmp_path):
     assert sp.encode("2024") == [sp.piece_to_id(c) for c in "2024"]  # digits split
     assert sp.decode(sp.encode(texts[0])) == texts[0]
     assert len((tmp_path / "tok.vocab").read_text().splitlines()) == 400
+
+
+def test_coprime_order_visits_every_window_once_per_pass(tmp_path):
+    make_shards.write_shard(tmp_path / "fineweb_train_000000.bin", np.arange(0, 41) % 1000)   # 5 windows of 8
+    make_shards.write_shard(tmp_path / "fineweb_train_000001.bin", np.arange(100, 125))      # 3 windows
+    paths = tg.shard_paths(str(tmp_path), "train")
+    windows = tg.CoprimeWindows(paths, 1024, 8, seed=3)
+    first = windows.take(8)
+    assert first.shape == (8, 9)
+    starts = sorted(int(r[0]) for r in first)
+    assert starts == [0, 8, 16, 24, 32, 100, 108, 116]  # each window exactly once
+    for row in first:
+        assert (np.diff(row) == 1).all()  # a window is 9 consecutive tokens of one shard
+    assert sorted(int(r[0]) for r in windows.take(8)) == starts  # the next pass again covers all
+    again = tg.CoprimeWindows(paths, 1024, 8, seed=3).take(8)
+    other = tg.CoprimeWindows(paths, 1024, 8, seed=4).take(8)
+    assert (again == first).all() and not (other == first).all()  # the order is the seed's
+
+
+def test_coprime_loader_gives_every_world_size_the_same_global_batch(tiny, small_data):
+    h = tiny(data_path=str(small_data), train_batch_tokens=4 * 32, data_order="coprime")
+    single = tg.TrainLoader(h, tg.Runtime(), accum=2)
+    ranks = [tg.TrainLoader(h, tg.Runtime(rank=r, world_size=2), accum=1) for r in range(2)]
+    for _ in range(3):
+        one = [single.next_batch() for _ in range(2)]
+        two = [loader.next_batch() for loader in ranks]
+        for (x1, y1), (x2, y2) in zip(one, two):
+            assert x1.shape == (2, 32) and (x1 == x2).all() and (y1 == y2).all()
+            assert (x1[:, 1:] == y1[:, :-1]).all()

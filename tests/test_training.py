@@ -134,9 +134,10 @@ def _trainer(h):
     return tg.Trainer(h, tg.Runtime(), tg.GPT(h), val=None)
 
 
-def test_resume_equals_the_uninterrupted_run(tiny, small_data, tmp_path):
+@pytest.mark.parametrize("order", ["stream", "coprime"])
+def test_resume_equals_the_uninterrupted_run(tiny, small_data, tmp_path, order):
     h = tiny(data_path=str(small_data), iterations=8, max_wallclock_seconds=0, warmdown_iters=4, qat_threshold=0.5,
-             ema_decay=0.9, swa_every=1, swa_start=1.0, grad_clip_norm=0.3)
+             ema_decay=0.9, swa_every=1, swa_start=1.0, grad_clip_norm=0.3, data_order=order)
     whole = _trainer(h)
     for s in range(8):
         whole.step(s, 0.0)
