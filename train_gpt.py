@@ -76,6 +76,28 @@ class Settings:
     train_log_every: int = 200
     eval_seq_len: int = 2048
     eval_batch_tokens: int = 524288  # per rank and forward pass
+    eval_stride: int = 32  # sliding-window stride for the final score; 0 or >= EVAL_SEQ_LEN: no sliding pass
+    eval_max_seconds: float = 600.0  # warn before the final evaluation when its projection exceeds this
+    eval_artifact: str = ""  # evaluate this artifact instead of training
+    eval_dump: str = ""  # write per-token NLL and bytes of the last final pass (.npz)
+    # legal score-first TTT (defaults: PR #585), fused with the sliding pass
+    ttt_epochs: int = 3  # 0 = off
+    ttt_chunk_tokens: int = 131072
+    ttt_lr: float = 1e-4  # cosine-decayed across chunks
+    ttt_optimizer: str = "adamw"  # adamw | sgd
+    ttt_momentum: float = 0.9  # sgd
+    ttt_wd: float = 0.0
+    ttt_grad_clip: float = 1.0  # 0 = off
+    ttt_seq_len: int = 2048
+    ttt_batch_seqs: int = 32  # sequences per step, all ranks together
+    ttt_params: str = "all"  # all (minus TTT_FREEZE) | q: attention query projections only (qTTT)
+    ttt_freeze: str = "tok_emb,bigram,ve"  # parameter-name prefixes kept fixed
+    ttt_ema: float = 0.0  # score with an EMA of the adapted weights (PR #578: 0.995); 0 = off
+    # causal SLOT (optimizes only on already-scored positions)
+    slot_steps: int = 0  # 0 = off
+    slot_lr: float = 0.01
+    slot_lr_end: float = 0.001
+    slot_warmstart: float = 0.85
     # model (defaults: PR #585's architecture; each technique off gives the plain baseline)
     num_layers: int = 11
     model_dim: int = 512
@@ -152,9 +174,12 @@ class Settings:
 
     def validate(self) -> None:
         positive = ("vocab_size", "iterations", "train_batch_tokens", "train_seq_len", "eval_seq_len",
+                    "ttt_chunk_tokens", "ttt_seq_len", "ttt_batch_seqs",
                     "eval_batch_tokens", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult",
                     "rope_base", "muon_backend_steps", "size_limit", "train_log_every")
-        non_negative = ("max_wallclock_seconds", "gptq_reserve_seconds", "checkpoint_every_seconds", "lr_warmup_steps", "swa_every",
+        non_negative = ("max_wallclock_seconds", "gptq_reserve_seconds", "checkpoint_every_seconds",
+                        "eval_stride", "eval_max_seconds", "ttt_epochs", "ttt_lr", "ttt_wd", "ttt_grad_clip",
+                        "slot_steps", "slot_lr", "slot_lr_end", "ttt_momentum", "lr_warmup_steps", "swa_every",
                         "warmup_steps", "warmdown_iters", "grad_accum_steps", "rope_dims",
                         "bigram_buckets", "bigram_dim", "xsa_last_n", "ve_dim",
                         "val_loss_every", "logit_softcap", "tied_embed_init_std", "tied_embed_lr", "matrix_lr",
@@ -170,7 +195,7 @@ class Settings:
                      "qat_start_frac"):
             if not 0 <= getattr(self, name) < 1:
                 raise SettingsError(f"{name.upper()}={getattr(self, name)} must be in [0, 1)")
-        for name in ("swa_start", "blend_ema", "qat_threshold"):
+        for name in ("swa_start", "blend_ema", "qat_threshold", "slot_warmstart", "ttt_ema"):
             if not 0 <= getattr(self, name) <= 1:
                 raise SettingsError(f"{name.upper()}={getattr(self, name)} must be in [0, 1]")
         for name in ("quant_bits_mlp", "quant_bits_attn", "quant_bits_embed"):
@@ -189,7 +214,8 @@ class Settings:
             raise SettingsError(f"head dim MODEL_DIM/NUM_HEADS={self.model_dim // self.num_heads} must be even")
         for name, choices in (("device", ("auto", "cpu", "cuda")), ("mlp_act", ("relu2", "leaky_relu2")),
                               ("attn_backend", ("auto", "sdpa", "fa3")), ("lr_schedule", ("linear", "cosine")),
-                              ("data_order", ("stream", "coprime")),
+                              ("data_order", ("stream", "coprime")), ("ttt_optimizer", ("adamw", "sgd")),
+                              ("ttt_params", ("all", "q")),
                               ("final_weights", ("live", "ema", "swa", "blend"))):
             if getattr(self, name) not in choices:
                 raise SettingsError(f"{name.upper()}={getattr(self, name)!r} must be one of: {', '.join(choices)}")
@@ -224,30 +250,37 @@ PRESETS: dict[str, dict] = {
     "pr585": dict(),
     # 1.1280: 13L GQA 8/4, gated attention, value residual, BigramHash 2048, VE 96, doc-masked training.
     # EMA 0.997 + SWA every 200, late QAT int4 MLP / int5 attention.
+    # Eval: 32,000-token windows, stride 256, qTTT (query projections, lr 0.002, 3 epochs).
     "pr1683": dict(num_layers=13, num_kv_heads=4, mlp_mult=3.0, bigram_buckets=2048, ve_dim=96, smear=False,
                    xsa_last_n=0, attn_gate=True, value_residual=True, doc_mask=True, swa_every=200,
-                   qat_threshold=0.15, quant_bits_mlp=4, quant_bits_attn=5),
+                   qat_threshold=0.15, quant_bits_mlp=4, quant_bits_attn=5, eval_seq_len=32000,
+                   eval_stride=256, ttt_params="q", ttt_lr=0.002, ttt_chunk_tokens=32768),
     # 1.1476: 12L, MLP 3x, BigramHash 10240x128, XSA on the last 4, VE on the last two layers.
     # Late QAT (0.15), int5 MLP / int6 attention, EMA 0.997, SWA every 50 in the last 20%.
     "pr592": dict(num_layers=12, num_kv_heads=4, mlp_mult=3.0, bigram_buckets=10240, xsa_last_n=4,
-                  qat_threshold=0.15, quant_bits_mlp=5, quant_bits_attn=6),
+                  qat_threshold=0.15, quant_bits_mlp=5, quant_bits_attn=6, eval_stride=64, ttt_epochs=0),
     # 1.1215: 11L GQA 8/4, MLP 3x relu², BigramHash 2048, XSA last 4, VE 9-10.
     # Early QAT, int6 everywhere, EMA 0.995.
+    # Eval: stride 32, TTT with SGD (momentum 0.9), grad clip 1, frozen tables, EMA 0.995 of the adapted weights.
     "pr578": dict(num_kv_heads=4, mlp_mult=3.0, bigram_buckets=2048, xsa_last_n=4, ema_decay=0.995,
-                  quant_bits_mlp=6, quant_bits_attn=6),
+                  quant_bits_mlp=6, quant_bits_attn=6, ttt_optimizer="sgd", ttt_lr=0.002,
+                  ttt_chunk_tokens=32768, ttt_ema=0.995),
     # PR #1319 (its 0.6951 came from a SLOT that leaks; the model is PR #1019's): LeakyReLU², XSA all,
     # BigramHash 3072x112.
     # Parallel Muon, late QAT, int6 MLP + attention, int8 embeddings, EMA 0.997 + SWA every 50.
+    # Eval: stride 64 with causal SLOT (64 steps, warm start 0.85, lr 0.01 -> 0.001), no TTT.
     "pr1319": dict(num_kv_heads=4, mlp_mult=3.0, mlp_act="leaky_relu2", bigram_buckets=3072, bigram_dim=112,
-                   qat_threshold=0.15, quant_bits_mlp=6, quant_bits_attn=6),
-    # A few minutes on a 2-core CPU with the bundled sample: the whole pipeline, every technique, small.
+                   qat_threshold=0.15, quant_bits_mlp=6, quant_bits_attn=6, eval_stride=64, ttt_epochs=0,
+                   slot_steps=64),
+    # A few minutes on a 2-core CPU with the bundled sample: the whole pipeline, every default technique,
+    # small; TTT is off here for time (PRESET=smoke TTT_EPOCHS=1 TTT_CHUNK_TOKENS=131072 adds it).
     "smoke": dict(
         data_path="./data/sample/fineweb_sp1024", device="auto", compile=False,
-        iterations=300, max_wallclock_seconds=120.0, warmup_steps=2, warmdown_iters=100,
+        iterations=300, max_wallclock_seconds=90.0, warmup_steps=2, warmdown_iters=100,
         train_batch_tokens=8192, train_seq_len=256, grad_accum_steps=1, val_loss_every=0,
         train_log_every=25, eval_seq_len=256, eval_batch_tokens=16384, muon_momentum_warmup_steps=50,
         num_layers=4, model_dim=128, num_heads=4, num_kv_heads=2, bigram_buckets=2048, bigram_dim=32,
-        ve_dim=32, xsa_last_n=4, ema_decay=0.95, swa_every=10,
+        ve_dim=32, xsa_last_n=4, ema_decay=0.95, swa_every=10, eval_stride=128, ttt_epochs=0,
     ),
 }
 
@@ -874,6 +907,14 @@ class GPT(nn.Module):
                 nn.init.orthogonal_(module.weight)
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.hidden(input_ids))
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Final hidden states -> softcapped fp32 logits through the tied embedding."""
+        logits = F.linear(x, self.tok_emb.weight.to(x.dtype)).float()
+        return self.softcap * torch.tanh(logits / self.softcap) if self.softcap > 0 else logits
+
+    def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.tok_emb(input_ids)
         if self.bigram is not None:
             x = x + self.bigram(input_ids)
@@ -893,9 +934,7 @@ class GPT(nn.Module):
             v_first = v if v_first is None else v_first
             if i < self.n_enc:
                 skips.append(x)
-        x = F.rms_norm(x, (x.size(-1),))
-        logits = F.linear(x, self.tok_emb.weight).float()
-        return self.softcap * torch.tanh(logits / self.softcap) if self.softcap > 0 else logits
+        return F.rms_norm(x, (x.size(-1),))
 
     def forward(self, input_ids: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
         """Per-token NLL in nats, shape of target_ids; the training loss is its mean."""
@@ -1188,41 +1227,243 @@ def all_reduce_grads(params: list[nn.Parameter], rt: Runtime) -> None:
 # -----------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def evaluate(h: Settings, rt: Runtime, model: nn.Module, val: ValData) -> tuple[float, float, int, int]:
-    """Non-overlapping EVAL_SEQ_LEN windows; every token after the first is scored exactly once.
+def plan_windows(n_targets: int, seq: int, stride: int) -> np.ndarray:
+    """(start, first scored position) of every window. Window k starts at k*stride and scores its
+    positions from seq-stride on (all of window 0), so every target is scored exactly once with at
+    least seq-stride tokens of context; stride = seq gives non-overlapping windows. Targets are
+    numbered 0..n_targets-1 (target t is token t+1); a window near the end is cut at the last token."""
+    stride = min(stride, seq)  # a longer stride would skip tokens
+    count = 1 + math.ceil(max(n_targets - seq, 0) / stride)
+    starts = np.arange(count, dtype=np.int64) * stride
+    return np.stack([starts, np.where(starts == 0, 0, seq - stride)], axis=1)
 
-    Windows are split contiguously across ranks, the last one may be shorter (no tail is dropped),
-    and the sums are float64 before the all-reduce. Returns (val_loss, val_bpb, tokens, bytes).
-    """
+
+class EvalSums:
+    """float64 sums of NLL, tokens and bytes, plus per-token records for EVAL_DUMP."""
+
+    def __init__(self, rt: Runtime, keep: bool):
+        self.rt, self.keep = rt, keep
+        self.sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
+        self.records: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def add(self, targets: torch.Tensor, nll: torch.Tensor, nbytes: torch.Tensor) -> None:
+        self.sums += torch.stack([nll.double().sum(), torch.tensor(float(nll.numel()), device=nll.device),
+                                  nbytes.double().sum().to(nll.device)])
+        if self.keep:
+            self.records.append((targets.cpu().numpy(), nll.float().cpu().numpy(), nbytes.cpu().numpy()))
+
+    def result(self) -> tuple[float, float, int, int]:
+        """(val_loss, val_bpb, tokens, bytes) over all ranks."""
+        sums = self.sums.clone()
+        if self.rt.distributed:
+            dist.all_reduce(sums)
+        nll, tokens, nbytes = sums.tolist()
+        tokens_, bytes_ = max(tokens, 1.0), max(nbytes, 1.0)  # only an empty validation set has none
+        return nll / tokens_, nll / (math.log(2) * bytes_), int(tokens), int(nbytes)
+
+    def dump(self, path: str) -> None:
+        """Per-token NLL (nats) and bytes of every scored token, in validation order, to an .npz."""
+        parts = [tuple(np.concatenate(a) for a in zip(*self.records))] if self.records else []
+        if self.rt.distributed:
+            gathered: list = [None] * self.rt.world_size
+            dist.all_gather_object(gathered, parts)
+            parts = [p for rank_parts in gathered for p in rank_parts]
+        if self.rt.is_main and parts:
+            target, nll, nbytes = (np.concatenate(a) for a in zip(*parts))
+            order = np.argsort(target, kind="stable")
+            np.savez(path, target_index=target[order], nll=nll[order], bytes=nbytes[order])
+            log(f"eval_dump:{path} tokens:{len(order)}")
+
+
+class CausalSlot:
+    """Causal SLOT: a per-window hidden delta and logit bias, fitted only on the window's positions whose
+    targets are already scored, then applied to the positions being scored. Warm start: each window
+    starts from SLOT_WARMSTART x the values of the window in the same batch slot one batch earlier.
+    (PR #1319 fitted them on the very targets it scored, which leaks the answer; that form is not offered.)"""
+
+    def __init__(self, h: Settings):
+        self.h, self.prev = h, None
+
+    def logits(self, model: GPT, x: torch.Tensor, y: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+        h = self.h
+        with torch.no_grad():
+            hidden = model.hidden(x).float()
+        B, V = x.size(0), model.tok_emb.num_embeddings
+        delta = hidden.new_zeros(B, 1, hidden.size(-1))
+        bias = hidden.new_zeros(B, 1, V)
+        if self.prev is not None and self.prev[0].size(0) == B:
+            delta, bias = h.slot_warmstart * self.prev[0], h.slot_warmstart * self.prev[1]
+        delta.requires_grad_(True)
+        bias.requires_grad_(True)
+        context = torch.arange(x.size(1), device=x.device)[None] < first[:, None]  # targets already scored
+        if context.any():
+            opt = torch.optim.AdamW([delta, bias], lr=h.slot_lr, weight_decay=0.0)
+            for i in range(h.slot_steps):
+                frac = i / max(h.slot_steps - 1, 1)
+                opt.param_groups[0]["lr"] = h.slot_lr_end + (h.slot_lr - h.slot_lr_end) * 0.5 * (1 + math.cos(math.pi * frac))
+                with torch.enable_grad():
+                    logits = model.head(hidden + delta) + bias
+                    loss = F.cross_entropy(logits[context], y[context])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        self.prev = (delta.detach(), bias.detach())
+        with torch.no_grad():
+            return model.head(hidden + delta) + bias
+
+
+def score_windows(h: Settings, rt: Runtime, model: nn.Module, val: ValData, windows: np.ndarray, out: EvalSums,
+                  slot: CausalSlot | None = None, on_scored=None) -> None:
+    """Score this rank's windows (consecutive windows of equal length batched together).
+    on_scored(target_indices, log_probs) sees the full predictive distribution of every scored token."""
     n_targets = val.tokens.numel() - 1
-    seq = h.eval_seq_len
-    n_windows = math.ceil(n_targets / seq)
-    first, last = n_windows * rt.rank // rt.world_size, n_windows * (rt.rank + 1) // rt.world_size
-    batch = max(1, h.eval_batch_tokens // seq)
-    sums = torch.zeros(3, dtype=torch.float64, device=rt.device)  # nll, tokens, bytes
+    seq, batch = h.eval_seq_len, max(1, h.eval_batch_tokens // h.eval_seq_len)
+    lengths = np.minimum(seq, n_targets - windows[:, 0])
+    i = 0
+    while i < len(windows):
+        j = i + 1
+        while j < len(windows) and j - i < batch and lengths[j] == lengths[i]:
+            j += 1
+        L = int(lengths[i])
+        idx = torch.as_tensor(windows[i:j, 0])[:, None] + torch.arange(L)[None]
+        x, y = val.tokens[idx], val.tokens[idx + 1]
+        first = torch.as_tensor(windows[i:j, 1])
+        xd, yd, fd = x.to(rt.device), y.to(rt.device), first.to(rt.device)
+        logits = None
+        if slot is not None:
+            with rt.autocast():
+                logits = slot.logits(model, xd, yd, fd)
+        elif on_scored is not None:
+            with torch.no_grad(), rt.autocast():
+                logits = model.logits(xd)
+        else:
+            with torch.no_grad(), rt.autocast():
+                nll = model(xd, yd)
+        if logits is not None:
+            nll = F.cross_entropy(logits.flatten(0, 1), yd.flatten(), reduction="none").view_as(yd)
+        scored = torch.arange(L)[None] >= first[:, None]
+        sd = scored.to(rt.device)
+        out.add(idx[scored], nll[sd], val.target_bytes(x, y)[scored])
+        if on_scored is not None:
+            on_scored(idx[scored], F.log_softmax(logits[sd].float(), dim=-1))
+        i = j
+
+
+def rank_slice(n: int, rt: Runtime) -> slice:
+    return slice(n * rt.rank // rt.world_size, n * (rt.rank + 1) // rt.world_size)
+
+
+def evaluate(h: Settings, rt: Runtime, model: nn.Module, val: ValData, stride: int | None = None,
+             slot: bool = False, dump: str = "", on_scored=None) -> tuple[float, float, int, int]:
+    """Every validation token after the first scored exactly once: non-overlapping EVAL_SEQ_LEN windows
+    (stride None), or sliding windows, with causal SLOT if asked. Returns (loss, bpb, tokens, bytes)."""
+    windows = plan_windows(val.tokens.numel() - 1, h.eval_seq_len, stride or h.eval_seq_len)
+    out = EvalSums(rt, keep=bool(dump))
     was_training = model.training
     model.eval()
-    w = first
-    while w < last:
-        full = w * seq + seq <= n_targets
-        # Full windows go in batches; the one short final window goes alone.
-        count = min(batch, last - w, (n_targets - w * seq) // seq) if full else 1
-        lo, hi = w * seq, min(w * seq + count * seq, n_targets)
-        x = val.tokens[lo:hi].view(count, -1)
-        y = val.tokens[lo + 1:hi + 1].view(count, -1)
-        with rt.autocast():
-            nll = model(x.to(rt.device), y.to(rt.device))
-        sums[0] += nll.double().sum()
-        sums[1] += y.numel()
-        sums[2] += val.target_bytes(x, y).sum().item()
-        w += count
+    score_windows(h, rt, model, val, windows[rank_slice(len(windows), rt)], out,
+                  CausalSlot(h) if slot else None, on_scored)
     model.train(was_training)
-    if rt.distributed:
-        dist.all_reduce(sums)
-    nll, tokens, nbytes = sums.tolist()
-    tokens_, bytes_ = max(tokens, 1.0), max(nbytes, 1.0)  # a rank without windows before the all-reduce
-    return nll / tokens_, nll / (math.log(2) * bytes_), int(tokens), int(nbytes)
+    if dump:
+        out.dump(dump)
+    return out.result()
+
+
+# -----------------------------------------------------------------------------
+# LEGAL SCORE-FIRST TEST-TIME TRAINING
+# -----------------------------------------------------------------------------
+
+
+def ttt_parameters(h: Settings, model: GPT) -> list[nn.Parameter]:
+    """TTT_PARAMS=all: everything but the TTT_FREEZE prefixes; q: the attention query projections (qTTT)."""
+    frozen = tuple(p.strip() for p in h.ttt_freeze.split(",") if p.strip())
+    chosen = []
+    for name, p in model.named_parameters():
+        keep = name.endswith("attn.c_q.weight") if h.ttt_params == "q" else not name.startswith(frozen)
+        p.requires_grad_(keep)
+        if keep:
+            chosen.append(p)
+    return chosen
+
+
+def evaluate_ttt(h: Settings, rt: Runtime, model: GPT, val: ValData, dump: str = "", on_scored=None,
+                 runner: nn.Module | None = None) -> tuple[float, float, int, int]:
+    """Legal score-first TTT fused with the sliding-window pass (EVAL_STRIDE; 0 = non-overlapping).
+
+    Validation targets are cut into chunks of TTT_CHUNK_TOKENS and each window belongs to the chunk of
+    its first scored target. Chunk c is scored first (all ranks, the model fixed), then, unless it is
+    the last, the model trains on chunk c's tokens only: TTT_EPOCHS over sequences of TTT_SEQ_LEN, the
+    LR cosine-decayed across chunks. So every prediction depends only on the artifact and earlier tokens.
+    runner: the (compiled) module that runs the forward passes; model: its parameters."""
+    runner = runner or model
+    n_targets = val.tokens.numel() - 1
+    windows = plan_windows(n_targets, h.eval_seq_len, h.eval_stride or h.eval_seq_len)
+    chunk_of = (windows[:, 0] + windows[:, 1]) // h.ttt_chunk_tokens
+    n_chunks = math.ceil(n_targets / h.ttt_chunk_tokens)
+    params = ttt_parameters(h, model)
+    if h.ttt_optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=h.ttt_lr, momentum=h.ttt_momentum, weight_decay=h.ttt_wd)
+    else:
+        opt = torch.optim.AdamW(params, lr=h.ttt_lr, betas=(h.beta1, h.beta2), weight_decay=h.ttt_wd)
+    ema = [p.detach().clone() for p in params] if h.ttt_ema else None
+    out = EvalSums(rt, keep=bool(dump))
+    t0 = time.perf_counter()
+    for c in range(n_chunks):
+        mine = windows[chunk_of == c]
+        live = [p.detach().clone() for p in params] if ema is not None else None
+        if ema is not None:  # score with the EMA of the adapted weights (PR #578)
+            torch._foreach_copy_([p.data for p in params], ema)
+        model.eval()
+        score_windows(h, rt, runner, val, mine[rank_slice(len(mine), rt)], out, on_scored=on_scored)
+        if live is not None:
+            torch._foreach_copy_([p.data for p in params], live)
+        if c < n_chunks - 1:
+            lr = h.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(n_chunks - 2, 1)))
+            ttt_train_chunk(h, rt, runner, val, params, opt, lr, c * h.ttt_chunk_tokens,
+                            min((c + 1) * h.ttt_chunk_tokens, n_targets))
+            if ema is not None:
+                torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - h.ttt_ema)
+        if c % max(1, n_chunks // 10) == 0 or c == n_chunks - 1:
+            _, bpb, _, _ = out.result()
+            log(f"  ttt_chunk [{c + 1}/{n_chunks}] bpb={bpb:.6f} time={time.perf_counter() - t0:.1f}s")
+    for p in model.parameters():
+        p.requires_grad_(True)
+    if dump:
+        out.dump(dump)
+    return out.result()
+
+
+def ttt_train_chunk(h: Settings, rt: Runtime, model: nn.Module, val: ValData, params: list[nn.Parameter],
+                    opt: torch.optim.Optimizer, lr: float, lo: int, hi: int) -> None:
+    """Train on targets lo..hi-1 (tokens lo..hi), all already scored. Each step takes TTT_BATCH_SEQS
+    sequences split across ranks; the loss is the mean over the step's tokens on all ranks."""
+    starts = np.arange(lo, hi, h.ttt_seq_len)
+    model.train()
+    for group in opt.param_groups:
+        group["lr"] = lr
+    for _ in range(h.ttt_epochs):
+        for b in range(0, len(starts), h.ttt_batch_seqs):
+            step_starts = starts[b:b + h.ttt_batch_seqs]
+            total = float(sum(min(h.ttt_seq_len, hi - a) for a in step_starts))
+            opt.zero_grad(set_to_none=True)
+            for a in step_starts[rank_slice(len(step_starts), rt)]:
+                n = min(h.ttt_seq_len, hi - int(a))
+                x = val.tokens[a:a + n][None].to(rt.device)
+                y = val.tokens[a + 1:a + n + 1][None].to(rt.device)
+                with rt.autocast():
+                    loss = model(x, y).sum() / total
+                loss.backward()
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            if rt.distributed:
+                all_reduce_grads(params, rt)
+                for p in params:
+                    p.grad.mul_(rt.world_size)  # the loss was already divided by the global count
+            if h.ttt_grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, h.ttt_grad_clip)
+            opt.step()
+    model.eval()
 
 
 # -----------------------------------------------------------------------------
@@ -1575,6 +1816,82 @@ def log_model(h: Settings, model: GPT) -> None:
         f"xsa_layers:{min(h.xsa_last_n, h.num_layers)} ve_layers:{model.ve_layers} doc_mask:{h.doc_mask}")
 
 
+def warm_eval_graphs(h: Settings, rt: Runtime, model: GPT, runner: nn.Module) -> float:
+    """Compile the evaluation (and TTT) graphs on random tokens, never on validation tokens."""
+    if not h.compile:
+        return 0.0
+    t0 = time.perf_counter()
+    g = torch.Generator().manual_seed(h.seed)
+    x = torch.randint(0, h.vocab_size, (max(1, h.eval_batch_tokens // h.eval_seq_len), h.eval_seq_len),
+                      generator=g).to(rt.device)
+    model.eval()
+    with torch.no_grad(), rt.autocast():
+        runner(x, x)
+    if h.ttt_epochs:
+        params = ttt_parameters(h, model)
+        model.train()
+        with rt.autocast():
+            runner(x[:1, :h.ttt_seq_len], x[:1, :h.ttt_seq_len]).sum().backward()
+        for p in model.parameters():
+            p.grad = None
+            p.requires_grad_(True)
+        del params
+    _sync(rt)
+    return time.perf_counter() - t0
+
+
+def final_evaluation(h: Settings, rt: Runtime, model: GPT, val: ValData, tag: str) -> None:
+    """Score the artifact's model: non-overlapping, then sliding (with causal SLOT if set), then legal TTT.
+    EVAL_DUMP records the last of these passes."""
+    runner = maybe_compile(h, model)
+    warm_s = warm_eval_graphs(h, rt, model, runner)
+    sliding = 0 < h.eval_stride < h.eval_seq_len
+    last_pass = "ttt" if h.ttt_epochs else "sliding" if sliding else "plain"
+    t_start = t0 = time.perf_counter()
+    loss, bpb, tokens, nbytes = evaluate(h, rt, runner, val, dump=h.eval_dump if last_pass == "plain" else "")
+    plain_s = time.perf_counter() - t0
+    log(f"final_{tag}_roundtrip val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{1000 * plain_s:.0f}ms")
+    log(f"final_{tag}_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} "
+        f"scored_tokens:{tokens} scored_bytes:{nbytes}")
+    # Projection from the plain pass: sliding costs seq/stride of it; TTT ~3x a pass per epoch on top.
+    window_cost = plain_s * (h.eval_seq_len / h.eval_stride if sliding else 1.0)
+    projected = plain_s + (window_cost if sliding else 0) + (window_cost + 3 * h.ttt_epochs * plain_s
+                                                              if h.ttt_epochs else 0)
+    log(f"eval_projection: plain:{plain_s:.1f}s sliding:{window_cost if sliding else 0:.1f}s "
+        f"total:{projected:.1f}s budget:{h.eval_max_seconds:.0f}s compile_warmup:{warm_s:.1f}s"
+        + (" slot:not_projected" if h.slot_steps else ""))
+    if h.eval_max_seconds and projected > h.eval_max_seconds:
+        log(f"warning: the evaluation is projected to take {projected:.0f}s, over EVAL_MAX_SECONDS="
+            f"{h.eval_max_seconds:.0f}; raise EVAL_STRIDE or TTT_CHUNK_TOKENS, or lower TTT_EPOCHS")
+    if sliding:
+        t0 = time.perf_counter()
+        loss, bpb, _, _ = evaluate(h, rt, runner, val, stride=h.eval_stride, slot=h.slot_steps > 0,
+                                   dump=h.eval_dump if last_pass == "sliding" else "")
+        ms = 1000 * (time.perf_counter() - t0)
+        extra = f" slot_steps:{h.slot_steps}" if h.slot_steps else ""
+        log(f"final_{tag}_sliding_window val_loss:{loss:.4f} val_bpb:{bpb:.4f} stride:{h.eval_stride}{extra} "
+            f"eval_time:{ms:.0f}ms")
+        log(f"final_{tag}_sliding_window_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
+    if h.ttt_epochs:
+        name = "legal_qttt" if h.ttt_params == "q" else "legal_ttt"
+        t0 = time.perf_counter()
+        log(f"ttt_sliding:start chunks={math.ceil((val.tokens.numel() - 1) / h.ttt_chunk_tokens)} "
+            f"stride={h.eval_stride or h.eval_seq_len} epochs={h.ttt_epochs} lr={h.ttt_lr} params={h.ttt_params}")
+        loss, bpb, _, _ = evaluate_ttt(h, rt, model, val, dump=h.eval_dump, runner=runner)
+        log(f"{name} val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
+        log(f"{name}_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
+    log(f"total_eval_time:{time.perf_counter() - t_start:.1f}s")
+
+
+def evaluate_artifact(h: Settings, rt: Runtime) -> None:
+    """EVAL_ARTIFACT=path: the final evaluation of a saved artifact, without training."""
+    val = load_val_data(h, load_tokenizer(h))
+    log(f"val_tokens:{val.tokens.numel() - 1} eval_artifact:{h.eval_artifact}")
+    model = build_model(h, rt)
+    load_artifact_into(model, h.eval_artifact)
+    final_evaluation(h, rt, model, val, "quant_zstd")
+
+
 def train_and_eval(h: Settings, rt: Runtime) -> None:
     torch.manual_seed(h.seed)
     np.random.seed(h.seed)
@@ -1618,12 +1935,7 @@ def train_and_eval(h: Settings, rt: Runtime) -> None:
     path = write_artifact(h, rt, model)
     fresh = build_model(h, rt)
     load_artifact_into(fresh, path)
-    t0 = time.perf_counter()
-    loss, bpb, tokens, nbytes = evaluate(h, rt, maybe_compile(h, fresh), val)
-    eval_ms = 1000.0 * (time.perf_counter() - t0)
-    log(f"final_quant_zstd_roundtrip val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{eval_ms:.0f}ms")
-    log(f"final_quant_zstd_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} "
-        f"scored_tokens:{tokens} scored_bytes:{nbytes}")
+    final_evaluation(h, rt, fresh, val, "quant_zstd")
 
 
 def main() -> None:
@@ -1636,7 +1948,7 @@ def main() -> None:
         rt = init_runtime(h)
         h.run_id = resolve_run_id(h, rt)
         start_log(h, rt)
-        train_and_eval(h, rt)
+        (evaluate_artifact if h.eval_artifact else train_and_eval)(h, rt)
     except (SettingsError, DataError, ArtifactError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -33,10 +33,9 @@ TINY = dict(num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, train_seq_l
 @pytest.fixture
 def make_settings(monkeypatch):
     """Settings built from env vars exactly as a run builds them, starting from a clean environment."""
-    for f in dataclasses.fields(tg.Settings):
-        monkeypatch.delenv(f.name.upper(), raising=False)
-
     def make(**env):
+        for f in dataclasses.fields(tg.Settings):  # each call starts from a clean environment
+            monkeypatch.delenv(f.name.upper(), raising=False)
         for key, value in env.items():
             monkeypatch.setenv(key.upper(), str(value))
         return tg.Settings()

@@ -47,8 +47,9 @@ def test_two_gloo_processes_follow_the_single_process_trajectory(small_data, tmp
 def test_smoke_preset_runs_end_to_end(tmp_path):
     out = run([sys.executable, "train_gpt.py"], dict(PRESET="smoke", ITERATIONS="3", RUN_ID="smoke"), tmp_path)
     for line in ("val_tokens:628456 val_bytes:1489418", "step:3/3 train_loss:", "step:3/3 val_loss:",
-                 "Serialized model quant+zstd:", "Code size:", "Total submission size quant+zstd:",
-                 "final_quant_zstd_roundtrip val_loss:", "final_quant_zstd_roundtrip_exact val_loss:"):
+                 "final_weights:ema", "Serialized model quant+zstd:", "Code size:", "Total submission size quant+zstd:",
+                 "final_quant_zstd_roundtrip val_loss:", "final_quant_zstd_roundtrip_exact val_loss:",
+                 "eval_projection:", "final_quant_zstd_sliding_window val_loss:", "stride:128", "total_eval_time:"):
         assert line in out
     assert "scored_tokens:628456 scored_bytes:1489418" in out
     logged = (tmp_path / "logs" / "smoke.txt").read_text()
@@ -66,6 +67,31 @@ def test_resume_from_a_checkpoint_continues_the_run(small_data, tmp_path):
     assert "checkpoint:resumed step:3" in resumed
     assert STEP.findall(resumed)[0][0] == "4" and STEP.findall(resumed)[-1] == STEP.findall(whole)[-1]
     assert FINAL.findall(resumed) == FINAL.findall(whole)
+
+
+TTT_EXACT = re.compile(r"^legal_ttt_exact val_loss:([\d.]+) val_bpb:([\d.]+)", re.M)
+
+
+def test_eval_artifact_reproduces_the_score_and_ttt_ranks_stay_in_step(small_data, tmp_path):
+    env = tiny_run_env(small_data, EVAL_STRIDE="0", TTT_EPOCHS="0")
+    trained = run([sys.executable, "train_gpt.py"], {**env, "RUN_ID": "art"}, tmp_path)
+    artifact = str(tmp_path / "logs" / "art.ptz")
+    again = run([sys.executable, "train_gpt.py"], {**env, "RUN_ID": "again", "EVAL_ARTIFACT": artifact}, tmp_path)
+    assert FINAL.findall(again) == FINAL.findall(trained) and "step:" not in again  # no training
+    ttt_env = {**env, "EVAL_ARTIFACT": artifact, "EVAL_STRIDE": "16", "TTT_EPOCHS": "1", "TTT_CHUNK_TOKENS": "1000",
+               "TTT_SEQ_LEN": "32", "TTT_BATCH_SEQS": "4", "TTT_LR": "0.01"}
+    one = run([sys.executable, "train_gpt.py"], {**ttt_env, "RUN_ID": "t1"}, tmp_path)
+    two = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_gpt.py"],
+              {**ttt_env, "RUN_ID": "t2"}, tmp_path)
+    assert "final_quant_zstd_sliding_window val_loss:" in one and "ttt_chunk [4/4]" in one
+    (l1, b1), (l2, b2) = TTT_EXACT.findall(one)[0], TTT_EXACT.findall(two)[0]
+    assert float(l1) == pytest.approx(float(l2), rel=1e-5) and float(b1) == pytest.approx(float(b2), rel=1e-5)
+    blob = (tmp_path / "logs" / "art.ptz").read_bytes()
+    (tmp_path / "bad.ptz").write_bytes(blob[:-10])
+    proc = subprocess.run([sys.executable, "train_gpt.py"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={"PATH": os.environ["PATH"], "LOG_DIR": str(tmp_path), **env,
+                               "EVAL_ARTIFACT": str(tmp_path / "bad.ptz")})
+    assert proc.returncode == 2 and proc.stderr.startswith("error: artifact is corrupt or truncated")
 
 
 def test_non_finite_loss_stops_with_the_step(small_data, tmp_path):
