@@ -1,7 +1,9 @@
 """train_gpt.py: one-file Parameter Golf trainer (FineWeb, val_bpb, 16,000,000-byte artifact).
 
-Stages: settings from env vars -> data shards -> GPT -> Muon + AdamW inside a wall-clock budget
--> int8 per-row quantization + zstd artifact -> the final score, evaluated from the artifact.
+Stages: settings from env vars -> data shards -> the record GPT (BigramHash, SmearGate, XSA, partial
+RoPE, value embeddings, U-Net skips) -> Muon / Parallel Muon + AdamW with EMA/SWA and QAT inside a
+wall-clock budget -> per-row int4-int8 quantization + zstd artifact -> the final score, evaluated from
+the artifact: non-overlapping, sliding-window, legal score-first TTT or causal SLOT.
 
   torchrun --standalone --nproc_per_node=8 train_gpt.py     # the 8xH100 recipe (the defaults)
   PRESET=smoke python3 train_gpt.py                         # a few minutes on a CPU, bundled sample
@@ -55,8 +57,9 @@ class Settings:
     log_dir: str = "logs"
     device: str = "auto"  # auto | cpu | cuda
     compile: bool = True
-    plan: bool = False  # build the model, print its parameter table and exit without data
-    # schedule (defaults: the published 8xH100 baseline recipe)
+    plan: bool = False  # print the model's parameters, FLOPs, bytes and memory estimates, then exit without data
+    plan_mfu: float = 0.25  # model FLOPs utilization the planner assumes on H100 (bf16 dense peak 989 TFLOP/s)
+    # schedule (defaults: the seeds' 8xH100 recipe)
     iterations: int = 20000
     max_wallclock_seconds: float = 600.0  # training budget; 0 = no cap
     gptq_reserve_seconds: float = 0.0  # kept inside the budget for calibration on training data
@@ -170,6 +173,8 @@ class Settings:
             key = f.name.upper()
             if key != "PRESET" and key in env:
                 setattr(self, f.name, _parse_setting(key, env[key], type(f.default)))
+        # A record folder's copy runs from inside records/...: relative data paths are found upward.
+        self.data_path, self.tokenizer_path = find_upward(self.data_path), find_upward(self.tokenizer_path)
         self.validate()
 
     def validate(self) -> None:
@@ -195,7 +200,7 @@ class Settings:
                      "qat_start_frac"):
             if not 0 <= getattr(self, name) < 1:
                 raise SettingsError(f"{name.upper()}={getattr(self, name)} must be in [0, 1)")
-        for name in ("swa_start", "blend_ema", "qat_threshold", "slot_warmstart", "ttt_ema"):
+        for name in ("swa_start", "blend_ema", "qat_threshold", "slot_warmstart", "ttt_ema", "plan_mfu"):
             if not 0 <= getattr(self, name) <= 1:
                 raise SettingsError(f"{name.upper()}={getattr(self, name)} must be in [0, 1]")
         for name in ("quant_bits_mlp", "quant_bits_attn", "quant_bits_embed"):
@@ -285,6 +290,16 @@ PRESETS: dict[str, dict] = {
 }
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def find_upward(path: str) -> str:
+    """A relative path as given if it exists here, else the nearest parent folder's that exists."""
+    if not path or Path(path).is_absolute() or Path(path).exists():
+        return path
+    for parent in Path.cwd().parents:
+        if (parent / path).exists():
+            return str(parent / path)
+    return path
 
 
 def _parse_setting(key: str, raw: str, kind: type):
@@ -1525,7 +1540,7 @@ def serialize_artifact(state: dict[str, torch.Tensor], bits: dict[str, int], zst
     header = json.dumps(dict(format="int_row+zstd", tensors=entries, meta=meta,
                              sha256=hashlib.sha256(payload).hexdigest())).encode()
     raw = struct.pack("<I", len(header)) + header + payload
-    return ARTIFACT_MAGIC + zstandard.ZstdCompressor(level=zstd_level).compress(raw)
+    return ARTIFACT_MAGIC + zstandard.ZstdCompressor(level=zstd_level, threads=-1).compress(raw)
 
 
 def deserialize_artifact(blob: bytes) -> dict[str, torch.Tensor]:
@@ -1892,6 +1907,40 @@ def evaluate_artifact(h: Settings, rt: Runtime) -> None:
     final_evaluation(h, rt, model, val, "quant_zstd")
 
 
+H100_BF16_FLOPS = 989e12  # dense bf16 peak of one H100 SXM
+
+
+def plan(h: Settings) -> None:
+    """PLAN=1: what this configuration costs, without data. Labelled estimates where they are ones."""
+    model = build_model(h, Runtime())
+    log_model(h, model)
+    n_params = sum(p.numel() for p in model.parameters())
+    # Matmul FLOPs per token: 2 per weight of every Linear plus the tied head; attention scores and
+    # values 2*2*T*d per layer, halved by the causal mask. Training = 3x forward.
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    fwd = 2 * (linear + h.vocab_size * h.model_dim) + 2 * h.num_layers * h.train_seq_len * h.model_dim
+    train_flops = 3 * fwd
+    log(f"flops_per_token forward:{fwd:.4g} train:{train_flops:.4g}")
+    state = model.state_dict()
+    t0 = time.perf_counter()
+    blob = serialize_artifact(state, export_bits(h, state), h.zstd_level)
+    code = len(Path(__file__).read_bytes())
+    log(f"artifact_estimate (initialized weights, not trained ones): model:{len(blob)} code:{code} "
+        f"total:{len(blob) + code} limit:{h.size_limit} fits:{len(blob) + code <= h.size_limit} "
+        f"({time.perf_counter() - t0:.1f}s)")
+    # Memory: fp32 weights, grads, AdamW/Muon state and EMA, plus bf16 activations of one micro-batch
+    # (~(10 d + 3 hidden) values per token and layer with FlashAttention) and fp32 logits with their grad.
+    micro = h.train_batch_tokens // (8 * (h.grad_accum_steps or 1))
+    states = 4 * n_params * (2 + 2 + (1 if h.ema_decay else 0))
+    acts = micro * (h.num_layers * (10 * h.model_dim + 3 * int(h.mlp_mult * h.model_dim)) * 2 + 8 * h.vocab_size)
+    log(f"memory_estimate per GPU on 8: states:{states / 2**30:.2f}GiB activations:{acts / 2**30:.2f}GiB "
+        f"total:{(states + acts) / 2**30:.2f}GiB")
+    seconds = h.max_wallclock_seconds - h.gptq_reserve_seconds
+    step_s = h.train_batch_tokens * train_flops / (8 * H100_BF16_FLOPS * h.plan_mfu)
+    log(f"budget_estimate 8xH100 at MFU {h.plan_mfu}: step:{1000 * step_s:.1f}ms steps:{int(seconds / step_s)} "
+        f"tokens:{seconds / step_s * h.train_batch_tokens:.3g}")
+
+
 def train_and_eval(h: Settings, rt: Runtime) -> None:
     torch.manual_seed(h.seed)
     np.random.seed(h.seed)
@@ -1927,7 +1976,7 @@ def train_and_eval(h: Settings, rt: Runtime) -> None:
     chosen = trainer.averager.apply_final()
     if chosen != "live":
         t0 = time.perf_counter()
-        loss, bpb, _, _ = evaluate(h, rt, model, val)
+        loss, bpb, _, _ = evaluate(h, rt, trainer.compiled, val)  # the QAT-off graph is already compiled
         log(f"final_weights:{chosen} swa_snapshots:{trainer.averager.swa_count} val_loss:{loss:.4f} "
             f"val_bpb:{bpb:.4f} eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
 
@@ -1943,7 +1992,7 @@ def main() -> None:
     try:
         h = Settings()
         if h.plan:  # the model alone, on the CPU, without reading any data
-            log_model(h, build_model(h, Runtime()))
+            plan(h)
             return
         rt = init_runtime(h)
         h.run_id = resolve_run_id(h, rt)
