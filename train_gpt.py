@@ -1843,14 +1843,13 @@ def warm_eval_graphs(h: Settings, rt: Runtime, model: GPT, runner: nn.Module) ->
     with torch.no_grad(), rt.autocast():
         runner(x, x)
     if h.ttt_epochs:
-        params = ttt_parameters(h, model)
+        ttt_parameters(h, model)  # the TTT graph: only its trainable parameters need gradients
         model.train()
         with rt.autocast():
             runner(x[:1, :h.ttt_seq_len], x[:1, :h.ttt_seq_len]).sum().backward()
         for p in model.parameters():
             p.grad = None
             p.requires_grad_(True)
-        del params
     _sync(rt)
     return time.perf_counter() - t0
 

@@ -111,10 +111,11 @@ def test_record_folder_script_finds_the_data_from_inside(make_settings, monkeypa
 
 
 def test_recipes_name_existing_presets():
+    run_sh = (ROOT / "records" / "recipes" / "run_seeds.sh").read_text()
+    assert "PRESET=$preset SEED=$seed" in run_sh and "records/tools/submission.py" in run_sh
     for preset in ("pr585", "pr1683", "pr592", "pr578", "pr1319"):
-        folder = ROOT / "records" / "recipes" / preset
-        run_sh, readme = (folder / "run.sh").read_text(), (folder / "README.md").read_text()
-        assert f"PRESET={preset} SEED=$seed" in run_sh and "records/tools/submission.py" in run_sh
+        readme = (ROOT / "records" / "recipes" / preset / "README.md").read_text()
+        assert f"PRESET={preset} SEED=1337 torchrun" in readme and f"run_seeds.sh {preset}" in readme
         assert "**Status:**" in readme and "**Published claim:**" in readme
 
 

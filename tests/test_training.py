@@ -1,5 +1,4 @@
 """Schedules, weight averaging and quantization-aware training."""
-import math
 
 import pytest
 import torch
