@@ -1286,6 +1286,7 @@ class EvalSums:
         if self.rt.is_main and parts:
             target, nll, nbytes = (np.concatenate(a) for a in zip(*parts))
             order = np.argsort(target, kind="stable")
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
             np.savez(path, target_index=target[order], nll=nll[order], bytes=nbytes[order])
             log(f"eval_dump:{path} tokens:{len(order)}")
 
@@ -1707,7 +1708,10 @@ class Trainer:
     def load_checkpoint(self, path: str) -> None:
         if not Path(path).is_file():
             raise SettingsError(f"RESUME={path} does not exist")
-        state = torch.load(path, map_location=self.rt.device, weights_only=True)
+        try:
+            state = torch.load(path, map_location=self.rt.device, weights_only=True)
+        except Exception as e:  # torch.load raises many kinds on a damaged file
+            raise SettingsError(f"RESUME={path} is not a readable checkpoint ({type(e).__name__})") from None
         try:
             self.model.load_state_dict(state["model"])
             self.optimizers[0].load_state_dict(state["adam"])

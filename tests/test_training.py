@@ -165,6 +165,9 @@ def test_resume_refuses_a_checkpoint_of_another_model(tiny, small_data, tmp_path
         other.load_checkpoint(str(tmp_path / "run.ckpt"))
     with pytest.raises(tg.SettingsError, match="does not exist"):
         other.load_checkpoint(str(tmp_path / "missing.ckpt"))
+    (tmp_path / "cut.ckpt").write_bytes((tmp_path / "run.ckpt").read_bytes()[:1000])
+    with pytest.raises(tg.SettingsError, match="is not a readable checkpoint"):
+        other.load_checkpoint(str(tmp_path / "cut.ckpt"))
 
 
 def test_muon_banks_match_per_matrix_updates():
