@@ -13,6 +13,7 @@ that explicit env vars still override.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import difflib
 import hashlib
@@ -1223,14 +1224,15 @@ class WeightAverager:
         self.ema, self.swa, self.swa_count = state["ema"], state["swa"], state["swa_count"]
 
 
-def all_reduce_grads(params: list[nn.Parameter], rt: Runtime) -> None:
-    """Average gradients across ranks with one flat all-reduce (SUM then divide: gloo has no AVG)."""
+def all_reduce_grads(params: list[nn.Parameter], rt: Runtime, average: bool = True) -> None:
+    """Sum gradients across ranks with one flat all-reduce, then average them (gloo has no AVG op)."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return
     flat = torch.cat([g.flatten() for g in grads])
     dist.all_reduce(flat)
-    flat /= rt.world_size
+    if average:
+        flat /= rt.world_size
     offset = 0
     for g in grads:
         g.copy_(flat[offset:offset + g.numel()].view_as(g))
@@ -1472,10 +1474,8 @@ def ttt_train_chunk(h: Settings, rt: Runtime, model: nn.Module, val: ValData, pa
             for p in params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-            if rt.distributed:
-                all_reduce_grads(params, rt)
-                for p in params:
-                    p.grad.mul_(rt.world_size)  # the loss was already divided by the global count
+            if rt.distributed:  # each rank's loss is already divided by the step's global token count
+                all_reduce_grads(params, rt, average=False)
             if h.ttt_grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, h.ttt_grad_clip)
             opt.step()
@@ -1674,7 +1674,7 @@ class Trainer:
             return 0.0
         t0 = time.perf_counter()
         model_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        opt_states = [_clone_state(opt.state_dict()) for opt in self.optimizers]
+        opt_states = [copy.deepcopy(opt.state_dict()) for opt in self.optimizers]
         qat = bool(self.h.qat_threshold or self.h.qat_start_frac)
         for i in range(self.h.warmup_steps):
             # With QAT configured, the last half runs with it on, so both graphs are compiled now.
@@ -1778,16 +1778,6 @@ class Trainer:
                 self.save_checkpoint(self.checkpoint_path, step, train_ms)
                 self.seconds["checkpoint"] += time.perf_counter() - t1
                 last_ckpt_ms, t0 = train_ms, time.perf_counter()
-
-
-def _clone_state(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().clone()
-    if isinstance(obj, dict):
-        return {k: _clone_state(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_clone_state(v) for v in obj]
-    return obj
 
 
 def _sync(rt: Runtime) -> None:
