@@ -233,6 +233,9 @@ class Settings:
         if int(self.mlp_mult * self.model_dim) < 1:
             raise SettingsError(f"MLP_MULT={self.mlp_mult} gives an empty MLP")
         resolve_layers(self.ve_layers, self.num_layers)
+        for name in ("resume", "eval_artifact"):  # fail before any data is read or anything compiles
+            if getattr(self, name) and not Path(getattr(self, name)).is_file():
+                raise SettingsError(f"{name.upper()}={getattr(self, name)} does not exist")
         if not 1 <= self.zstd_level <= 22:
             raise SettingsError(f"ZSTD_LEVEL={self.zstd_level} must be in 1..22")
 

@@ -53,6 +53,8 @@ def test_types_are_parsed(make_settings):
     (dict(bigram_buckets="1"), "BIGRAM_BUCKETS must be 0 (off) or >= 2"),
     (dict(preset="huge"), "PRESET='huge' is unknown; choose from: baseline, pr585, pr1683, pr592, pr578, pr1319, smoke"),
     (dict(preset="smoke,huge"), "PRESET='huge' is unknown"),
+    (dict(resume="/nonexistent/run.ckpt"), "RESUME=/nonexistent/run.ckpt does not exist"),
+    (dict(eval_artifact="/nonexistent/m.ptz"), "EVAL_ARTIFACT=/nonexistent/m.ptz does not exist"),
     (dict(vocab_size="70000"), "does not fit the uint16 shard format"),
 ])
 def test_bad_values_raise_one_clear_error(make_settings, env, message):
