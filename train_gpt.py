@@ -14,10 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ast
+import base64
+import concurrent.futures
 import dataclasses
 import difflib
 import hashlib
 import json
+import lzma
 import math
 import os
 import platform
@@ -28,6 +32,8 @@ import time
 import uuid
 from pathlib import Path
 
+import brotli
+import constriction
 import numpy as np
 import sentencepiece as spm
 import torch
@@ -156,9 +162,26 @@ class Settings:
     quant_bits_mlp: int = 5
     quant_bits_attn: int = 5
     quant_bits_embed: int = 8
-    # artifact
+    # export: quantization of every matrix over QUANT_MIN_NUMEL elements, then compression
+    quant_method: str = "gptq"  # gptq: full-Hessian error compensation | rtn: round to nearest
+    quant_clip_mlp: str = "auto"  # per-row clip: absmax | pct | std | auto (sigma candidates), see clip_candidates
+    quant_clip_attn: str = "auto"
+    quant_clip_embed: str = "auto"
+    clip_percentiles: str = "0.999,0.9995,0.9999,0.99999,1"  # pct: candidates, the best per row kept
+    clip_std_k: float = 12.85  # std: clip at k standard deviations of the row (PR #1493's SDClip)
+    clip_sigmas: str = "2.5,3,3.5,4,5,6,8,12"  # auto: k*std candidates plus the absmax, the best per row kept
+    quant_min_numel: int = 65536  # smaller tensors are stored as fp16
+    gptq_block_size: int = 128
+    gptq_damp: float = 0.01  # of the mean Hessian diagonal
+    calib_source: str = "selfgen"  # selfgen: tokens the trained model samples | train: inside GPTQ_RESERVE_SECONDS
+    calib_seqs: int = 64
+    calib_len: int = 2048  # selfgen sequence length (train: TRAIN_SEQ_LEN)
+    calib_temp: float = 0.8
+    compressor: str = "hybrid"  # zstd | lzma | brotli | rans | hybrid (the smallest per stream)
+    target_bytes: int = 0  # prune the cheapest +-1 codes until model+code fit this; 0: SIZE_LIMIT-code-1000; -1: off
+    prune_fraction: float = 0.0  # or always zero this fraction of the quantized weights (cheapest +-1 first)
+    code_pack: bool = True  # count the code as the packed script (lzma+base85 of the minified source)
     artifact_path: str = ""  # empty: <log_dir>/<run_id>.ptz
-    zstd_level: int = 22
     size_limit: int = 16_000_000
 
     def __post_init__(self) -> None:
@@ -182,7 +205,8 @@ class Settings:
         positive = ("vocab_size", "iterations", "train_batch_tokens", "train_seq_len", "eval_seq_len",
                     "ttt_chunk_tokens", "ttt_seq_len", "ttt_batch_seqs",
                     "eval_batch_tokens", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult",
-                    "rope_base", "muon_backend_steps", "size_limit", "train_log_every")
+                    "rope_base", "muon_backend_steps", "size_limit", "train_log_every", "gptq_block_size",
+                    "calib_seqs", "calib_len", "calib_temp", "clip_std_k")
         non_negative = ("max_wallclock_seconds", "gptq_reserve_seconds", "checkpoint_every_seconds",
                         "eval_stride", "eval_max_seconds", "ttt_epochs", "ttt_lr", "ttt_wd", "ttt_grad_clip",
                         "slot_steps", "slot_lr", "slot_lr_end", "ttt_momentum", "lr_warmup_steps", "swa_every",
@@ -190,7 +214,7 @@ class Settings:
                         "bigram_buckets", "bigram_dim", "xsa_last_n", "ve_dim",
                         "val_loss_every", "logit_softcap", "tied_embed_init_std", "tied_embed_lr", "matrix_lr",
                         "scalar_lr", "muon_momentum_warmup_steps", "muon_wd", "adam_wd", "adam_eps",
-                        "grad_clip_norm")
+                        "grad_clip_norm", "quant_min_numel", "gptq_damp")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise SettingsError(f"{name.upper()}={getattr(self, name)} must be > 0")
@@ -201,7 +225,8 @@ class Settings:
                      "qat_start_frac"):
             if not 0 <= getattr(self, name) < 1:
                 raise SettingsError(f"{name.upper()}={getattr(self, name)} must be in [0, 1)")
-        for name in ("swa_start", "blend_ema", "qat_threshold", "slot_warmstart", "ttt_ema", "plan_mfu"):
+        for name in ("swa_start", "blend_ema", "qat_threshold", "slot_warmstart", "ttt_ema", "plan_mfu",
+                     "prune_fraction"):
             if not 0 <= getattr(self, name) <= 1:
                 raise SettingsError(f"{name.upper()}={getattr(self, name)} must be in [0, 1]")
         for name in ("quant_bits_mlp", "quant_bits_attn", "quant_bits_embed"):
@@ -221,7 +246,10 @@ class Settings:
         for name, choices in (("device", ("auto", "cpu", "cuda")), ("mlp_act", ("relu2", "leaky_relu2")),
                               ("attn_backend", ("auto", "sdpa", "fa3")), ("lr_schedule", ("linear", "cosine")),
                               ("data_order", ("stream", "coprime")), ("ttt_optimizer", ("adamw", "sgd")),
-                              ("ttt_params", ("all", "q")),
+                              ("ttt_params", ("all", "q")), ("quant_method", ("gptq", "rtn")),
+                              ("quant_clip_mlp", CLIP_RULES), ("quant_clip_attn", CLIP_RULES),
+                              ("quant_clip_embed", CLIP_RULES), ("calib_source", ("selfgen", "train")),
+                              ("compressor", ("zstd", "lzma", "brotli", "rans", "hybrid")),
                               ("final_weights", ("live", "ema", "swa", "blend"))):
             if getattr(self, name) not in choices:
                 raise SettingsError(f"{name.upper()}={getattr(self, name)!r} must be one of: {', '.join(choices)}")
@@ -236,8 +264,16 @@ class Settings:
         for name in ("resume", "eval_artifact"):  # fail before any data is read or anything compiles
             if getattr(self, name) and not Path(getattr(self, name)).is_file():
                 raise SettingsError(f"{name.upper()}={getattr(self, name)} does not exist")
-        if not 1 <= self.zstd_level <= 22:
-            raise SettingsError(f"ZSTD_LEVEL={self.zstd_level} must be in 1..22")
+        for name in ("clip_percentiles", "clip_sigmas"):
+            parse_floats(name, getattr(self, name))
+        if not all(0 < p <= 1 for p in parse_floats("clip_percentiles", self.clip_percentiles)):
+            raise SettingsError(f"CLIP_PERCENTILES={self.clip_percentiles!r} must be fractions in (0, 1]")
+        if self.quant_method == "gptq" and self.calib_source == "train" and self.max_wallclock_seconds \
+                and not self.gptq_reserve_seconds:
+            raise SettingsError("CALIB_SOURCE=train reads training data, which needs time inside the budget: "
+                                "set GPTQ_RESERVE_SECONDS (e.g. 10) or use CALIB_SOURCE=selfgen")
+        if self.target_bytes < -1:
+            raise SettingsError(f"TARGET_BYTES={self.target_bytes} must be >= 0, or -1 for no pruning")
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -253,34 +289,45 @@ PRESETS: dict[str, dict] = {
                      scalar_lr=0.04, muon_momentum=0.95, muon_momentum_warmup_start=0.85,
                      muon_momentum_warmup_steps=500, muon_wd=0.0, adam_wd=0.0, grad_clip_norm=0.0,
                      warmdown_iters=1200, ema_decay=0.0, swa_every=0, final_weights="live", qat_threshold=0.0,
-                     quant_bits_mlp=8, quant_bits_attn=8, quant_bits_embed=8),
+                     quant_bits_mlp=8, quant_bits_attn=8, quant_bits_embed=8, quant_method="rtn",
+                     quant_clip_mlp="pct", quant_clip_attn="pct", quant_clip_embed="pct",
+                     clip_percentiles="0.99999984", compressor="zstd"),
     # 1.1179: the defaults (11L, MHA 8/8, MLP 1792, BigramHash 8192, XSA all, VE 9-10; Muon lr 0.025 wd 0.04,
     # EMA 0.997, SWA every 50, early QAT at LR scale 0.5, int5 weights, int8 embeddings).
-    "pr585": dict(),
+    # Export: GPTQ on 256 calibration sequences, 2% of the weights pruned, zstd-22.
+    "pr585": dict(calib_seqs=256, prune_fraction=0.02, compressor="zstd"),
     # 1.1280: 13L GQA 8/4, gated attention, value residual, BigramHash 2048, VE 96, doc-masked training.
     # EMA 0.997 + SWA every 200, late QAT int4 MLP / int5 attention.
+    # Export: GPTQ with the Hessian-weighted auto-clip over sigma candidates, ANS/brotli hybrid per tensor.
     # Eval: 32,000-token windows, stride 256, qTTT (query projections, lr 0.002, 3 epochs).
     "pr1683": dict(num_layers=13, num_kv_heads=4, mlp_mult=3.0, bigram_buckets=2048, ve_dim=96, smear=False,
                    xsa_last_n=0, attn_gate=True, value_residual=True, doc_mask=True, swa_every=200,
                    qat_threshold=0.15, quant_bits_mlp=4, quant_bits_attn=5, eval_seq_len=32000,
-                   eval_stride=256, ttt_params="q", ttt_lr=0.002, ttt_chunk_tokens=32768),
+                   eval_stride=256, ttt_params="q", ttt_lr=0.002, ttt_chunk_tokens=32768,
+                   quant_clip_mlp="auto", quant_clip_attn="auto", compressor="hybrid"),
     # 1.1476: 12L, MLP 3x, BigramHash 10240x128, XSA on the last 4, VE on the last two layers.
     # Late QAT (0.15), int5 MLP / int6 attention, EMA 0.997, SWA every 50 in the last 20%.
+    # Export: GPTQ-lite (no Hessian: round to nearest with a per-row percentile clip search), zstd-22.
     "pr592": dict(num_layers=12, num_kv_heads=4, mlp_mult=3.0, bigram_buckets=10240, xsa_last_n=4,
-                  qat_threshold=0.15, quant_bits_mlp=5, quant_bits_attn=6, eval_stride=64, ttt_epochs=0),
+                  qat_threshold=0.15, quant_bits_mlp=5, quant_bits_attn=6, eval_stride=64, ttt_epochs=0,
+                  quant_method="rtn", quant_clip_mlp="pct", quant_clip_attn="pct", quant_clip_embed="pct",
+                  compressor="zstd"),
     # 1.1215: 11L GQA 8/4, MLP 3x relu², BigramHash 2048, XSA last 4, VE 9-10.
-    # Early QAT, int6 everywhere, EMA 0.995.
+    # Early QAT, int6 everywhere, EMA 0.995; GPTQ with the 99.95th-percentile clip QAT also used, zstd-22.
     # Eval: stride 32, TTT with SGD (momentum 0.9), grad clip 1, frozen tables, EMA 0.995 of the adapted weights.
     "pr578": dict(num_kv_heads=4, mlp_mult=3.0, bigram_buckets=2048, xsa_last_n=4, ema_decay=0.995,
                   quant_bits_mlp=6, quant_bits_attn=6, ttt_optimizer="sgd", ttt_lr=0.002,
-                  ttt_chunk_tokens=32768, ttt_ema=0.995),
+                  ttt_chunk_tokens=32768, ttt_ema=0.995, quant_clip_mlp="pct", quant_clip_attn="pct",
+                  clip_percentiles="0.9995", compressor="zstd"),
     # PR #1319 (its 0.6951 came from a SLOT that leaks; the model is PR #1019's): LeakyReLU², XSA all,
     # BigramHash 3072x112.
     # Parallel Muon, late QAT, int6 MLP + attention, int8 embeddings, EMA 0.997 + SWA every 50.
+    # Export: full GPTQ calibrated on 64x2048 self-generated tokens (temperature 0.8), lzma-9.
     # Eval: stride 64 with causal SLOT (64 steps, warm start 0.85, lr 0.01 -> 0.001), no TTT.
     "pr1319": dict(num_kv_heads=4, mlp_mult=3.0, mlp_act="leaky_relu2", bigram_buckets=3072, bigram_dim=112,
                    qat_threshold=0.15, quant_bits_mlp=6, quant_bits_attn=6, eval_stride=64, ttt_epochs=0,
-                   slot_steps=64),
+                   slot_steps=64, calib_source="selfgen", calib_seqs=64, calib_len=2048, calib_temp=0.8,
+                   compressor="lzma"),
     # A few minutes on a 2-core CPU with the bundled sample: the whole pipeline, every default technique,
     # small; TTT is off here for time (PRESET=smoke TTT_EPOCHS=1 TTT_CHUNK_TOKENS=131072 adds it).
     "smoke": dict(
@@ -290,10 +337,23 @@ PRESETS: dict[str, dict] = {
         train_log_every=25, eval_seq_len=256, eval_batch_tokens=16384, muon_momentum_warmup_steps=50,
         num_layers=4, model_dim=128, num_heads=4, num_kv_heads=2, bigram_buckets=2048, bigram_dim=32,
         ve_dim=32, xsa_last_n=4, ema_decay=0.95, swa_every=10, eval_stride=128, ttt_epochs=0,
+        quant_min_numel=4096, calib_seqs=16, calib_len=256,  # small matrices are quantized too
     ),
 }
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+CLIP_RULES = ("absmax", "pct", "std", "auto")
+
+
+def parse_floats(name: str, text: str) -> list[float]:
+    """A comma-separated list of positive numbers, e.g. CLIP_SIGMAS=2.5,3,4."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or not all(v > 0 for v in values):
+        raise SettingsError(f"{name.upper()}={text!r} must be a comma-separated list of positive numbers")
+    return values
 
 
 def find_upward(path: str) -> str:
@@ -640,10 +700,18 @@ def load_val_data(h: Settings, sp: spm.SentencePieceProcessor) -> ValData:
 # -----------------------------------------------------------------------------
 
 
+FP16_TINY = 2.0 ** -14  # the smallest normal fp16: a scale floor that survives storage as fp16
+
+
+def row_scales(clip: torch.Tensor, bits: int) -> torch.Tensor:
+    """fp16 step of the symmetric grid q in [-(2^(b-1)-1), 2^(b-1)-1] that reaches `clip`."""
+    return (clip / (2 ** (bits - 1) - 1)).clamp_min(FP16_TINY).to(torch.float16)
+
+
 def quantize_rows(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row grid: q in [-(2^(b-1)-1), 2^(b-1)-1], scale = row absmax / qmax, stored fp16."""
+    """Per-row grid with the row absmax as the clip: codes and fp16 scales."""
     qmax = 2 ** (bits - 1) - 1
-    scale = (w.detach().abs().amax(dim=1) / qmax).clamp_min(1e-8).to(torch.float16)
+    scale = row_scales(w.detach().abs().amax(dim=1), bits)
     q = torch.round(w / scale.to(w.dtype)[:, None]).clamp(-qmax, qmax)
     return q, scale
 
@@ -705,8 +773,9 @@ def attend(q, k, v, doc_ids: torch.Tensor | None, fa3: bool) -> torch.Tensor:
     if doc_ids is not None:
         doc = torch.cumsum(doc_ids == BOS_ID, dim=1)
         mask = (doc[:, :, None] == doc[:, None, :]).tril()[:, None]  # causal and same document
+    # A lone query against cached keys (decoding) sees them all; FA3's causal mask is bottom-right aligned.
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-                                       is_causal=mask is None, enable_gqa=k.size(2) != H)
+                                       is_causal=mask is None and T > 1, enable_gqa=k.size(2) != H)
     return y.transpose(1, 2)
 
 
@@ -721,9 +790,10 @@ class Rotary(nn.Module):
         self.register_buffer("inv_freq", 1.0 / base ** (torch.arange(0, dims, 2, dtype=torch.float32) / dims),
                              persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, H, D)
+    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:  # x: (B, T, H, D) at positions offset..
         # Recomputed per call (T x dims/2, negligible): no Python-side cache for torch.compile to guard on.
-        freqs = torch.outer(torch.arange(x.size(1), device=x.device, dtype=torch.float32), self.inv_freq)
+        pos = torch.arange(offset, offset + x.size(1), device=x.device, dtype=torch.float32)
+        freqs = torch.outer(pos, self.inv_freq)
         cos, sin = freqs.cos()[None, :, None], freqs.sin()[None, :, None]
         half = self.dims // 2  # rotate-half convention: pairs (i, i + half) inside the rotated dims
         x1, x2, rest = x[..., :half], x[..., half:self.dims], x[..., self.dims:]
@@ -751,9 +821,30 @@ def set_qat(model: nn.Module, on: bool) -> None:
             m.qat_bits = m.bits if on else 0
 
 
+class KVCache:
+    """Decoding state for sampling one token per step: each layer's keys and values so far, and the
+    previous token's id and smear input (BigramHash and SmearGate look one token back)."""
+
+    def __init__(self, max_len: int):
+        self.max_len, self.pos, self.k, self.v = max_len, 0, {}, {}
+        self.prev_ids: torch.Tensor | None = None
+        self.prev_x: torch.Tensor | None = None
+
+    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's k, v (B, T, Hkv, D) and return all keys and values up to it."""
+        if layer not in self.k:  # preallocated: no quadratic re-copying of a growing cache
+            B, _, Hkv, D = k.shape
+            self.k[layer] = k.new_empty(B, self.max_len, Hkv, D)
+            self.v[layer] = v.new_empty(B, self.max_len, Hkv, D)
+        end = self.pos + k.size(1)
+        self.k[layer][:, self.pos:end], self.v[layer][:, self.pos:end] = k, v
+        return self.k[layer][:, :end], self.v[layer][:, :end]
+
+
 class Attention(nn.Module):
     def __init__(self, h: Settings, layer: int):
         super().__init__()
+        self.layer = layer
         self.num_heads, self.num_kv_heads = h.num_heads, h.num_kv_heads
         self.head_dim = h.model_dim // h.num_heads
         kv_dim = self.num_kv_heads * self.head_dim
@@ -773,7 +864,7 @@ class Attention(nn.Module):
         # Value residual (PR #1683): v += λ (v_first - v), λ = 0 at init; layer 0 supplies v_first.
         self.vr_lambda = nn.Parameter(torch.zeros(1)) if h.value_residual and layer > 0 else None
 
-    def forward(self, x, ve=None, v_first=None, doc_ids=None, fa3=False):
+    def forward(self, x, ve=None, v_first=None, doc_ids=None, fa3=False, cache: KVCache | None = None):
         B, T, C = x.shape
         q = self.c_q(x).view(B, T, self.num_heads, self.head_dim)
         k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
@@ -784,9 +875,11 @@ class Attention(nn.Module):
         if self.vr_lambda is not None and v_first is not None:
             v = v + self.vr_lambda.to(v.dtype) * (v_first - v)
         q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))  # QK-norm
-        q = self.rotary(q) * self.q_gain.to(q.dtype)[:, None]
-        k = self.rotary(k)
-        y = attend(q, k, v, doc_ids, fa3)
+        offset = cache.pos if cache is not None else 0
+        q = self.rotary(q, offset) * self.q_gain.to(q.dtype)[:, None]
+        k = self.rotary(k, offset)
+        keys, values = cache.extend(self.layer, k, v) if cache is not None else (k, v)
+        y = attend(q, keys, values, doc_ids, fa3)
         if self.xsa:
             y = exclusive_self_attention(y, v)
         if self.gate is not None:
@@ -829,10 +922,10 @@ class Block(nn.Module):
         self.mlp_scale = nn.Parameter(torch.ones(h.model_dim))
         self.norm_scale = 1.0 / math.sqrt(layer + 1) if h.ln_scale else 1.0
 
-    def forward(self, x, x0, ve=None, v_first=None, doc_ids=None, fa3=False):
+    def forward(self, x, x0, ve=None, v_first=None, doc_ids=None, fa3=False, cache=None):
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        a, v = self.attn(F.rms_norm(x, (x.size(-1),)) * self.norm_scale, ve, v_first, doc_ids, fa3)
+        a, v = self.attn(F.rms_norm(x, (x.size(-1),)) * self.norm_scale, ve, v_first, doc_ids, fa3, cache)
         x = x + self.attn_scale.to(x.dtype) * a
         x = x + self.mlp_scale.to(x.dtype) * self.mlp(F.rms_norm(x, (x.size(-1),)) * self.norm_scale)
         return x, v
@@ -852,17 +945,18 @@ class BigramHash(nn.Module):
         self.proj = nn.Linear(h.bigram_dim, h.model_dim, bias=False)
         self.scale = nn.Parameter(torch.tensor(0.05))
 
-    def bucket(self, ids: torch.Tensor) -> torch.Tensor:
-        prev = F.pad(ids[:, :-1], (1, 0))
+    def bucket(self, ids: torch.Tensor, prev_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """prev_ids: the token before ids[:, 0] when decoding; None: ids[:, 0] starts the sequence."""
+        prev = torch.cat([prev_ids if prev_ids is not None else ids[:, :1], ids[:, :-1]], 1)
         hashed = torch.bitwise_xor(36313 * ids, 27191 * prev) % (self.buckets - 1)
         first = torch.zeros_like(ids, dtype=torch.bool)
-        first[:, 0] = True
+        first[:, 0] = prev_ids is None
         if self.doc_reset:
             first |= ids == BOS_ID
         return torch.where(first, self.buckets - 1, hashed)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.scale.to(self.proj.weight.dtype) * self.proj(self.table(self.bucket(ids)))
+    def forward(self, ids: torch.Tensor, prev_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self.scale.to(self.proj.weight.dtype) * self.proj(self.table(self.bucket(ids, prev_ids)))
 
 
 class SmearGate(nn.Module):
@@ -874,8 +968,8 @@ class SmearGate(nn.Module):
         self.gate = nn.Parameter(torch.zeros(h.model_dim))
         self.doc_reset = h.smear_doc_reset
 
-    def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        prev = F.pad(x[:, :-1], (0, 0, 1, 0))
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, prev_x: torch.Tensor | None = None) -> torch.Tensor:
+        prev = torch.cat([prev_x if prev_x is not None else torch.zeros_like(x[:, :1]), x[:, :-1]], 1)
         if self.doc_reset:
             prev = prev * (ids != BOS_ID)[..., None].to(x.dtype)
         g = torch.sigmoid(self.gate).to(x.dtype)
@@ -933,13 +1027,14 @@ class GPT(nn.Module):
         logits = F.linear(x, self.tok_emb.weight.to(x.dtype)).float()
         return self.softcap * torch.tanh(logits / self.softcap) if self.softcap > 0 else logits
 
-    def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def hidden(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Final hidden states; with a cache, input_ids (B, 1) follow the tokens it holds."""
         x = self.tok_emb(input_ids)
         if self.bigram is not None:
-            x = x + self.bigram(input_ids)
-        x = F.rms_norm(x, (x.size(-1),))
+            x = x + self.bigram(input_ids, cache.prev_ids if cache is not None else None)
+        x = smear_in = F.rms_norm(x, (x.size(-1),))
         if self.smear is not None:
-            x = self.smear(x, input_ids)
+            x = self.smear(x, input_ids, cache.prev_x if cache is not None else None)
         x0, v_first, skips = x, None, []
         ve = self.ve(input_ids) if self.ve is not None else None
         doc_ids = input_ids if self.doc_mask and self.training else None  # document masking: training only
@@ -949,10 +1044,12 @@ class GPT(nn.Module):
             ve_i = None
             if i in self.ve_layers:
                 ve_i = self.ve.layer_scales[self.ve_layers.index(i)].to(x.dtype) * ve
-            x, v = block(x, x0, ve_i, v_first, doc_ids, self.fa3)
+            x, v = block(x, x0, ve_i, v_first, doc_ids, self.fa3, cache)
             v_first = v if v_first is None else v_first
             if i < self.n_enc:
                 skips.append(x)
+        if cache is not None:
+            cache.prev_ids, cache.prev_x, cache.pos = input_ids[:, -1:], smear_in[:, -1:], cache.pos + input_ids.size(1)
         return F.rms_norm(x, (x.size(-1),))
 
     def forward(self, input_ids: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
@@ -1486,102 +1583,6 @@ def ttt_train_chunk(h: Settings, rt: Runtime, model: nn.Module, val: ValData, pa
 
 
 # -----------------------------------------------------------------------------
-# ARTIFACT: PER-ROW INT4-INT8 QUANTIZATION + ZSTD, NO PICKLE
-# -----------------------------------------------------------------------------
-
-ARTIFACT_MAGIC = b"PGOLF\x01"
-QUANT_MIN_NUMEL = 65536  # smaller tensors (gains, scales, small projections) are kept as fp16
-
-
-class ArtifactError(ValueError):
-    """An artifact that is not ours, corrupt or truncated, or made for another model shape."""
-
-
-def export_bits(h: Settings, state: dict[str, torch.Tensor]) -> dict[str, int]:
-    """Bits of every tensor that gets quantized: matrices over QUANT_MIN_NUMEL elements, by group."""
-    group_bits = {"mlp": h.quant_bits_mlp, "attn": h.quant_bits_attn, "embed": h.quant_bits_embed}
-    return {name: group_bits[tensor_group(name)] for name, t in state.items()
-            if t.is_floating_point() and t.ndim == 2 and t.numel() > QUANT_MIN_NUMEL}
-
-
-def quantize_state(state: dict[str, torch.Tensor], bits: dict[str, int]):
-    """(arrays, meta): int8-stored codes + fp16 row scales for tensors in bits, the rest as is (floats fp16)."""
-    arrays, meta = {}, {}
-    for name, t in state.items():
-        t = t.detach().cpu()
-        if name in bits:
-            q, arrays[name + ".scale"] = quantize_rows(t.float(), bits[name])
-            arrays[name + ".q"] = q.to(torch.int8)
-            meta[name] = dict(kind="int_row", bits=bits[name], dtype=str(t.dtype).removeprefix("torch."))
-        else:
-            arrays[name] = t.to(torch.float16) if t.is_floating_point() else t
-            meta[name] = dict(kind="raw", dtype=str(t.dtype).removeprefix("torch."))
-    return arrays, meta
-
-
-def dequantize_state(arrays: dict[str, torch.Tensor], meta: dict[str, dict]) -> dict[str, torch.Tensor]:
-    state = {}
-    for name, m in meta.items():
-        dtype = getattr(torch, m["dtype"])
-        if m["kind"] == "int_row":
-            state[name] = (arrays[name + ".q"].float() * arrays[name + ".scale"].float()[:, None]).to(dtype)
-        else:
-            state[name] = arrays[name].to(dtype)
-    return state
-
-
-def serialize_artifact(state: dict[str, torch.Tensor], bits: dict[str, int], zstd_level: int) -> bytes:
-    """MAGIC | zstd( u32 header length | JSON header | tensor bytes ); the header holds a sha256."""
-    arrays, meta = quantize_state(state, bits)
-    entries, chunks, offset = [], [], 0
-    for name, t in arrays.items():
-        data = t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        entries.append(dict(name=name, dtype=str(t.dtype).removeprefix("torch."), shape=list(t.shape),
-                            offset=offset, nbytes=len(data)))
-        chunks.append(data)
-        offset += len(data)
-    payload = b"".join(chunks)
-    header = json.dumps(dict(format="int_row+zstd", tensors=entries, meta=meta,
-                             sha256=hashlib.sha256(payload).hexdigest())).encode()
-    raw = struct.pack("<I", len(header)) + header + payload
-    return ARTIFACT_MAGIC + zstandard.ZstdCompressor(level=zstd_level, threads=-1).compress(raw)
-
-
-def deserialize_artifact(blob: bytes) -> dict[str, torch.Tensor]:
-    if not blob.startswith(ARTIFACT_MAGIC):
-        raise ArtifactError("not a train_gpt.py artifact (bad magic)")
-    try:
-        raw = zstandard.ZstdDecompressor().decompress(blob[len(ARTIFACT_MAGIC):])
-        (hlen,) = struct.unpack_from("<I", raw)
-        header = json.loads(raw[4:4 + hlen])
-    except (zstandard.ZstdError, struct.error, ValueError) as e:
-        raise ArtifactError(f"artifact is corrupt or truncated ({e})") from None
-    payload = raw[4 + hlen:]
-    if hashlib.sha256(payload).hexdigest() != header["sha256"]:
-        raise ArtifactError("artifact checksum mismatch: the file is corrupt")
-    arrays = {}
-    for e in header["tensors"]:
-        dtype = getattr(torch, e["dtype"])
-        data = bytearray(payload[e["offset"]:e["offset"] + e["nbytes"]])
-        t = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
-        arrays[e["name"]] = t.view(dtype).reshape(e["shape"])
-    return dequantize_state(arrays, header["meta"])
-
-
-def load_artifact_into(model: nn.Module, path: str | Path) -> None:
-    path = Path(path)
-    if not path.is_file():
-        raise ArtifactError(f"artifact {path} does not exist")
-    state = deserialize_artifact(path.read_bytes())
-    expected = model.state_dict()
-    bad = sorted(set(expected) ^ set(state)) + sorted(
-        k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
-    if bad:
-        raise ArtifactError(f"artifact {path} does not match this model's settings (first mismatch: {bad[0]})")
-    model.load_state_dict(state)
-
-
-# -----------------------------------------------------------------------------
 # TRAINING
 # -----------------------------------------------------------------------------
 
@@ -1789,25 +1790,572 @@ def _sync(rt: Runtime) -> None:
 
 
 # -----------------------------------------------------------------------------
+# CALIBRATION AND FULL-HESSIAN GPTQ
+# -----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def generate_calibration(h: Settings, rt: Runtime, model: GPT) -> torch.Tensor:
+    """CALIB_SEQS x CALIB_LEN tokens sampled from the trained model at CALIB_TEMP, each sequence from a
+    uniformly random first token: PR #1019's legal calibration, which reads no data. One token per
+    step through a KV cache, in batches of EVAL_BATCH_TOKENS."""
+    g = torch.Generator(device=rt.device).manual_seed(h.seed)
+    out = torch.empty(h.calib_seqs, h.calib_len, dtype=torch.int64, device=rt.device)
+    out[:, 0] = torch.randint(0, h.vocab_size, (h.calib_seqs,), generator=g, device=rt.device)
+    model.eval()
+    for seqs in out.split(max(1, h.eval_batch_tokens // h.calib_len)):  # views: filled in place
+        cache = KVCache(h.calib_len)
+        for t in range(h.calib_len - 1):
+            with rt.autocast():
+                logits = model.head(model.hidden(seqs[:, t:t + 1], cache))[:, -1]
+            probs = torch.softmax(logits.float() / h.calib_temp, dim=-1)
+            seqs[:, t + 1] = torch.multinomial(probs, 1, generator=g)[:, 0]
+    return out
+
+
+@torch.no_grad()
+def collect_hessians(rt: Runtime, model: GPT, batches, names) -> tuple[dict[str, torch.Tensor], int]:
+    """Sums of X^T X over the inputs X of every quantized Linear, by forward hooks on the model's own
+    modules, and over the final hidden states for the tied embedding (it is also the output head).
+    Returns (sums, tokens)."""
+    sums: dict[str, torch.Tensor] = {}
+
+    def add(name: str, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.size(-1)).float()
+        sums[name] = sums[name] + x.T @ x if name in sums else x.T @ x
+
+    hooks = [m.register_forward_hook(lambda mod, inp, out, key=f"{n}.weight": add(key, inp[0]))
+             for n, m in model.named_modules() if isinstance(m, nn.Linear) and f"{n}.weight" in names]
+    tokens = 0
+    model.eval()
+    try:
+        for ids in batches:
+            with rt.autocast():
+                hidden = model.hidden(ids)
+            if "tok_emb.weight" in names:
+                add("tok_emb.weight", hidden)
+            tokens += ids.numel()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return sums, tokens
+
+
+def calibrate_on_train(h: Settings, rt: Runtime, trainer: Trainer, train_ms: float) -> dict[str, torch.Tensor]:
+    """Hessians from the next training batches, inside what is left of the wall-clock budget
+    (GPTQ_RESERVE_SECONDS): training data is only read within the 600 s. Every rank reads its own share."""
+    t0 = time.perf_counter()
+    deadline = t0 + max(0.0, h.max_wallclock_seconds - train_ms / 1000) if h.max_wallclock_seconds else math.inf
+    names = export_bits(h, trainer.model.state_dict())
+
+    def batches():
+        seen = 0
+        while seen < h.calib_seqs and time.perf_counter() < deadline:
+            x, _ = trainer.loader.next_batch()
+            seen += x.size(0) * rt.world_size
+            yield x
+
+    sums, tokens = collect_hessians(rt, trainer.model, batches(), names)
+    if rt.distributed:  # every rank holds every key: each reads at least one batch before the deadline test
+        for key in sorted(sums):
+            dist.all_reduce(sums[key])
+        total = torch.tensor(float(tokens), device=rt.device)
+        dist.all_reduce(total)
+        tokens = int(total.item())
+    seconds = time.perf_counter() - t0
+    log(f"gptq:calibration source:train tokens:{tokens} hessians:{len(sums)} seconds:{seconds:.1f} "
+        f"train_plus_calibration:{train_ms / 1000 + seconds:.1f}s budget:{h.max_wallclock_seconds:.0f}s")
+    return {k: v / max(tokens, 1) for k, v in sums.items()}
+
+
+def clip_candidates(h: Settings, w: torch.Tensor, rule: str) -> torch.Tensor:
+    """Candidate clip values per row, shape (C, rows); the quantizer keeps for each row the one with
+    the least (Hessian-weighted) error. absmax: the row's max |w|; pct: each of CLIP_PERCENTILES of |w|;
+    std: CLIP_STD_K row standard deviations; auto: each of CLIP_SIGMAS standard deviations, and absmax."""
+    a = w.abs().float()
+    absmax = a.amax(dim=1)
+    if rule == "absmax":
+        return absmax[None]
+    if rule == "pct":
+        ps = torch.tensor(parse_floats("clip_percentiles", h.clip_percentiles), device=w.device)
+        return torch.quantile(a, ps, dim=1)
+    std = w.float().std(dim=1)
+    ks = [h.clip_std_k] if rule == "std" else parse_floats("clip_sigmas", h.clip_sigmas)
+    return torch.stack([torch.minimum(k * std, absmax) for k in ks] + ([absmax] if rule == "auto" else []))
+
+
+def gptq_quantize(w: torch.Tensor, H: torch.Tensor | None, bits: int, clips: torch.Tensor, block: int = 128,
+                  damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize w (rows, cols) to per-row int grids, for every candidate clip at once (rows are
+    independent under GPTQ, so the candidates are stacked as extra rows), and keep per row the
+    candidate with the least error (w-q) H (w-q)^T. H=None is round-to-nearest with plain MSE.
+
+    GPTQ (Frantar et al.): columns in descending diag(H) order, Cholesky factor of H^-1, each column's
+    rounding error pushed onto the columns not yet quantized, in blocks. Returns (codes int8,
+    fp16 scales, per-row error)."""
+    qmax = 2 ** (bits - 1) - 1
+    W = w.float()
+    rows, cols = W.shape
+    scale = row_scales(clips.float(), bits)  # (C, rows)
+    s = scale.float().reshape(-1, 1)
+    Wc = W.repeat(clips.size(0), 1)
+    if H is None:
+        Q = torch.clamp(torch.round(Wc / s), -qmax, qmax)
+    else:
+        Hd = H.float().clone()
+        dead = Hd.diagonal() == 0  # inputs never seen: any value works, zero compresses best
+        Hd[dead, dead] = 1.0
+        Wc[:, dead] = 0.0
+        Hd.diagonal().add_(damp * Hd.diagonal().mean())
+        perm = torch.argsort(Hd.diagonal(), descending=True)
+        Hd = Hd[perm][:, perm]
+        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hd)), upper=True)
+        Wc, Q = Wc[:, perm], torch.zeros_like(Wc)
+        for i1 in range(0, cols, block):
+            i2 = min(i1 + block, cols)
+            Wb, Hb = Wc[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+            Err = torch.zeros_like(Wb)
+            for j in range(i2 - i1):
+                q = torch.clamp(torch.round(Wb[:, j:j + 1] / s), -qmax, qmax)
+                Q[:, i1 + j] = q[:, 0]
+                err = (Wb[:, j:j + 1] - q * s) / Hb[j, j]
+                Wb[:, j:] -= err * Hb[j:j + 1, j:]
+                Err[:, j:j + 1] = err
+            Wc[:, i2:] -= Err @ Hinv[i1:i2, i2:]
+        Q = Q[:, torch.argsort(perm)]
+    D = W.repeat(clips.size(0), 1) - Q * s
+    err = ((D @ H.float()) * D).sum(1) if H is not None else D.square().sum(1)
+    best = err.view(-1, rows).argmin(dim=0)
+    pick = best * rows + torch.arange(rows, device=W.device)
+    return Q[pick].to(torch.int8), scale.reshape(-1)[pick], err[pick]
+
+
+# -----------------------------------------------------------------------------
+# ARTIFACT: CODES, PRUNING TO FIT, PER-STREAM COMPRESSION (ZSTD / LZMA / BROTLI / RANS), NO PICKLE
+# -----------------------------------------------------------------------------
+
+ARTIFACT_MAGIC = b"PGOLF\x02"
+LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9}]
+SIZE_MARGIN = 1000  # bytes kept free under SIZE_LIMIT when TARGET_BYTES=0
+
+
+class ArtifactError(ValueError):
+    """An artifact that is not ours, corrupt or truncated, or made for another model shape."""
+
+
+def export_bits(h: Settings, state: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Bits of every tensor that gets quantized: matrices over QUANT_MIN_NUMEL elements, by group."""
+    group_bits = {"mlp": h.quant_bits_mlp, "attn": h.quant_bits_attn, "embed": h.quant_bits_embed}
+    return {name: group_bits[tensor_group(name)] for name, t in state.items()
+            if t.is_floating_point() and t.ndim == 2 and t.numel() > h.quant_min_numel}
+
+
+@dataclasses.dataclass
+class Quantized:
+    """A model as the artifact stores it: int codes + fp16 row scales, and the other tensors as is."""
+    codes: dict[str, torch.Tensor]  # int8 (rows, cols), CPU
+    scales: dict[str, torch.Tensor]  # fp16 (rows,)
+    bits: dict[str, int]
+    raw: dict[str, torch.Tensor]  # floats as fp16, others unchanged
+    dtypes: dict[str, str]  # every tensor's dtype in the model
+    col_weight: dict[str, torch.Tensor]  # diag(H)/mean(diag(H)) per column (ones without a Hessian)
+    stats: dict[str, dict]
+
+
+def quantize_model(h: Settings, state: dict[str, torch.Tensor], hessians: dict[str, torch.Tensor]) -> Quantized:
+    """Every tensor of export_bits through gptq_quantize (round-to-nearest without a Hessian)."""
+    bits = export_bits(h, state)
+    rules = {"mlp": h.quant_clip_mlp, "attn": h.quant_clip_attn, "embed": h.quant_clip_embed}
+    q = Quantized({}, {}, bits, {}, {}, {}, {})
+    for name, t in state.items():
+        q.dtypes[name] = str(t.dtype).removeprefix("torch.")
+        if name not in bits:
+            q.raw[name] = (t.to(torch.float16) if t.is_floating_point() else t).detach().cpu()
+            continue
+        w = t.detach().float()
+        H = hessians.get(name) if h.quant_method == "gptq" else None
+        H = H.to(w.device) if H is not None else None
+        codes, scale, err = gptq_quantize(w, H, bits[name], clip_candidates(h, w, rules[tensor_group(name)]),
+                                          h.gptq_block_size, h.gptq_damp)
+        delta = w - codes.float() * scale.float()[:, None]
+        q.codes[name], q.scales[name] = codes.cpu(), scale.cpu()
+        diag = H.diagonal().float() if H is not None else torch.ones(w.size(1), device=w.device)
+        q.col_weight[name] = (diag / diag.mean().clamp_min(1e-30)).cpu()
+        q.stats[name] = dict(params=w.numel(), mse=float(delta.square().sum()), norm=float(w.square().sum()),
+                             herr=float(err.sum()), hnorm=float(((w @ H) * w).sum()) if H is not None else
+                             float(w.square().sum()))
+    return q
+
+
+# Codes are stored as int8 bytes or bit-packed; fp16 streams as is or byte-shuffled (all low bytes,
+# then all high bytes); rANS codes symbols with the stream's own frequencies (stored in the header).
+BYTE_CODECS = {
+    "zstd": (lambda b: zstandard.ZstdCompressor(level=22).compress(b), lambda b: zstandard.ZstdDecompressor().decompress(b)),
+    "lzma": (lambda b: lzma.compress(b, format=lzma.FORMAT_RAW, filters=LZMA_FILTERS),
+             lambda b: lzma.decompress(b, format=lzma.FORMAT_RAW, filters=LZMA_FILTERS)),
+    "brotli": (lambda b: brotli.compress(b, quality=11, lgwin=24), brotli.decompress),
+}
+CODECS = ("zstd", "lzma", "brotli", "rans")
+
+
+def pack_bits(u: np.ndarray, bits: int) -> bytes:
+    """Values < 2^bits, `bits` bits each, little-endian bit order."""
+    planes = (u.astype(np.uint8)[:, None] >> np.arange(bits, dtype=np.uint8)) & 1
+    return np.packbits(planes.reshape(-1), bitorder="little").tobytes()
+
+
+def unpack_bits(data: bytes, bits: int, n: int) -> np.ndarray:
+    planes = np.unpackbits(np.frombuffer(data, np.uint8), count=n * bits, bitorder="little").reshape(n, bits)
+    return (planes.astype(np.uint16) << np.arange(bits, dtype=np.uint16)).sum(1, dtype=np.uint16).astype(np.uint8)
+
+
+def shuffle2(b: bytes) -> bytes:
+    even = len(b) - len(b) % 2
+    return np.frombuffer(b[:even], np.uint8).reshape(-1, 2).T.tobytes() + b[even:]
+
+
+def unshuffle2(b: bytes) -> bytes:
+    even = len(b) - len(b) % 2
+    return np.frombuffer(b[:even], np.uint8).reshape(2, -1).T.tobytes() + b[even:]
+
+
+def rans_encode(symbols: np.ndarray, alphabet: int) -> tuple[bytes, list[int]]:
+    counts = np.bincount(symbols, minlength=alphabet)
+    if not len(symbols):
+        return b"", counts.tolist()
+    coder = constriction.stream.stack.AnsCoder()
+    coder.encode_reverse(symbols.astype(np.int32), rans_model(counts))
+    return coder.get_compressed().tobytes(), counts.tolist()
+
+
+def rans_decode(data: bytes, counts: list[int], n: int) -> np.ndarray:
+    if not n:
+        return np.zeros(0, np.int32)
+    coder = constriction.stream.stack.AnsCoder(np.frombuffer(data, np.uint32).copy())
+    return coder.decode(rans_model(np.asarray(counts)), n)
+
+
+def rans_model(counts: np.ndarray):
+    return constriction.stream.model.Categorical(counts / counts.sum(), perfect=False)
+
+
+def stream_specs(q: Quantized) -> list[tuple[str, str, np.ndarray, int]]:
+    """(tensor, part, data, bits): codes and scales of each quantized tensor, then one raw stream."""
+    specs = []
+    for name, codes in q.codes.items():
+        specs.append((name, "codes", codes.numpy().reshape(-1), q.bits[name]))
+        specs.append((name, "scale", np.frombuffer(q.scales[name].numpy().tobytes(), np.uint8), 8))
+    raw = b"".join(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() for t in q.raw.values())
+    specs.append(("", "raw", np.frombuffer(raw, np.uint8), 8))
+    return specs
+
+
+def encode_stream(part: str, data: np.ndarray, bits: int, codecs, layout: str | None = None) -> dict:
+    """The smallest encoding of one stream over codecs x layouts; `sizes` has each codec's best."""
+    qmax = 2 ** (bits - 1) - 1
+    if part == "codes":
+        layouts = {"i8": lambda: data.tobytes(), "packed": lambda: pack_bits(data.astype(np.int16) + qmax, bits)}
+        symbols, alphabet = lambda: data.astype(np.int32) + qmax, 2 * qmax + 1
+    else:
+        layouts = {"plain": data.tobytes, "shuf2": lambda: shuffle2(data.tobytes())}
+        symbols, alphabet = lambda: np.frombuffer(shuffle2(data.tobytes()), np.uint8), 256
+    best, sizes = None, {}
+    for codec in codecs:
+        if codec == "rans":
+            blob, counts = rans_encode(symbols(), alphabet)
+            tries = [("sym", blob, counts)]
+        else:
+            tries = [(lay, BYTE_CODECS[codec][0](make()), None) for lay, make in layouts.items()
+                     if layout in (None, lay)]
+        for lay, blob, counts in tries:
+            sizes[codec] = min(sizes.get(codec, len(blob)), len(blob))
+            if best is None or len(blob) < len(best["data"]):
+                best = dict(codec=codec, layout=lay, data=blob, counts=counts)
+    return {**best, "sizes": sizes}
+
+
+def encode_all(h: Settings, q: Quantized, fixed: list[tuple[str, str]] | None = None) -> list[dict]:
+    """Every stream encoded (in parallel threads: the codecs release the GIL), by COMPRESSOR, or each
+    stream with the (codec, layout) given in `fixed`."""
+    codecs = CODECS if h.compressor == "hybrid" else (h.compressor,)
+    specs = stream_specs(q)
+
+    def one(i: int) -> dict:
+        name, part, data, bits = specs[i]
+        if fixed is None:
+            enc = encode_stream(part, data, bits, codecs)
+        else:
+            enc = encode_stream(part, data, bits, (fixed[i][0],), fixed[i][1])
+        return dict(enc, name=name, part=part, n=len(data))
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(32, os.cpu_count() or 1)) as pool:
+        return list(pool.map(one, range(len(specs))))
+
+
+def pack_artifact(q: Quantized, streams: list[dict]) -> bytes:
+    """MAGIC | blake2b-64 of the rest | u32 header length | lzma(JSON header) | streams."""
+    tensors, offset = [], 0
+    for name, dtype in q.dtypes.items():
+        if name in q.codes:
+            tensors.append(dict(name=name, shape=list(q.codes[name].shape), dtype=dtype, bits=q.bits[name]))
+        else:
+            t = q.raw[name]
+            nbytes = t.numel() * t.element_size()
+            tensors.append(dict(name=name, shape=list(t.shape), dtype=dtype, stored=str(t.dtype).removeprefix("torch."),
+                                offset=offset, nbytes=nbytes))
+            offset += nbytes
+    entries = [dict(name=s["name"], part=s["part"], codec=s["codec"], layout=s["layout"], n=s["n"],
+                    nbytes=len(s["data"]), **({"counts": s["counts"]} if s["counts"] is not None else {}))
+               for s in streams]
+    header = lzma.compress(json.dumps(dict(tensors=tensors, streams=entries), separators=(",", ":")).encode(),
+                           format=lzma.FORMAT_RAW, filters=LZMA_FILTERS)
+    body = struct.pack("<I", len(header)) + header + b"".join(s["data"] for s in streams)
+    return ARTIFACT_MAGIC + hashlib.blake2b(body, digest_size=8).digest() + body
+
+
+def decode_stream(entry: dict, data: bytes, bits: int) -> np.ndarray:
+    qmax, n = 2 ** (bits - 1) - 1, entry["n"]
+    if entry["part"] == "codes":
+        if entry["codec"] == "rans":
+            u = rans_decode(data, entry["counts"], n)
+        else:
+            raw = BYTE_CODECS[entry["codec"]][1](data)
+            if entry["layout"] == "i8":
+                return np.frombuffer(raw, np.int8)
+            u = unpack_bits(raw, bits, n)
+        return (u.astype(np.int16) - qmax).astype(np.int8)
+    if entry["codec"] == "rans":
+        raw = rans_decode(data, entry["counts"], n).astype(np.uint8).tobytes()
+    else:
+        raw = BYTE_CODECS[entry["codec"]][1](data)
+    return np.frombuffer(unshuffle2(raw) if entry["layout"] in ("shuf2", "sym") else raw, np.uint8)
+
+
+def deserialize_artifact(blob: bytes) -> dict[str, torch.Tensor]:
+    """The model's state dict, dequantized; any damage raises ArtifactError."""
+    if not blob.startswith(ARTIFACT_MAGIC):
+        raise ArtifactError("not a train_gpt.py artifact (bad magic)")
+    digest, body = blob[len(ARTIFACT_MAGIC):len(ARTIFACT_MAGIC) + 8], blob[len(ARTIFACT_MAGIC) + 8:]
+    if len(body) < 4 or hashlib.blake2b(body, digest_size=8).digest() != digest:
+        raise ArtifactError("artifact is corrupt or truncated (checksum mismatch)")
+    try:
+        (hlen,) = struct.unpack_from("<I", body)
+        header = json.loads(lzma.decompress(body[4:4 + hlen], format=lzma.FORMAT_RAW, filters=LZMA_FILTERS))
+        tensors = {t["name"]: t for t in header["tensors"]}
+        arrays, offset = {}, 4 + hlen
+        for e in header["streams"]:
+            bits = tensors[e["name"]]["bits"] if e["part"] == "codes" else 8
+            arrays[(e["name"], e["part"])] = decode_stream(e, body[offset:offset + e["nbytes"]], bits)
+            offset += e["nbytes"]
+        raw, state = arrays[("", "raw")].tobytes(), {}
+        for name, t in tensors.items():
+            dtype = getattr(torch, t["dtype"])
+            if "bits" in t:
+                codes = torch.from_numpy(arrays[(name, "codes")].copy()).view(t["shape"])
+                scale = torch.from_numpy(arrays[(name, "scale")].copy()).view(torch.float16)
+                state[name] = (codes.float() * scale.float()[:, None]).to(dtype)
+            else:
+                data = bytearray(raw[t["offset"]:t["offset"] + t["nbytes"]])
+                stored = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+                state[name] = stored.view(getattr(torch, t["stored"])).reshape(t["shape"]).to(dtype)
+    except (KeyError, ValueError, RuntimeError, TypeError, struct.error, lzma.LZMAError, zstandard.ZstdError,
+            brotli.error) as e:
+        raise ArtifactError(f"artifact is corrupt or truncated ({type(e).__name__}: {e})") from None
+    return state
+
+
+@dataclasses.dataclass
+class PruneOrder:
+    """Every +-1 code, cheapest first: zeroing one costs about scale_row^2 * H_jj (H_jj over its mean)."""
+    owner: np.ndarray  # index of the tensor in q.codes
+    flat: np.ndarray  # position in that tensor's flattened codes
+
+
+def prune_order(q: Quantized) -> PruneOrder:
+    owners, flats, costs = [np.zeros(0, np.int32)], [np.zeros(0, np.int64)], [np.zeros(0, np.float32)]
+    for i, (name, codes) in enumerate(q.codes.items()):
+        flat = (codes.abs() == 1).reshape(-1).nonzero()[:, 0]
+        cols = codes.size(1)
+        costs.append((q.scales[name].float()[flat // cols].square() * q.col_weight[name][flat % cols]).numpy())
+        flats.append(flat.numpy())
+        owners.append(np.full(len(flat), i, dtype=np.int32))
+    order = np.argsort(np.concatenate(costs), kind="stable")
+    return PruneOrder(np.concatenate(owners)[order], np.concatenate(flats)[order])
+
+
+def pruned(q: Quantized, order: PruneOrder, n: int) -> tuple[Quantized, dict[str, int]]:
+    """q with the n cheapest +-1 codes set to zero, and how many each tensor lost."""
+    codes, counts = dict(q.codes), {}
+    owner, flat = order.owner[:n], order.flat[:n]
+    for i, name in enumerate(q.codes):
+        pos = flat[owner == i]
+        if len(pos):
+            c = codes[name].clone()
+            c.view(-1)[torch.from_numpy(pos)] = 0
+            codes[name], counts[name] = c, len(pos)
+    return dataclasses.replace(q, codes=codes), counts
+
+
+def export_artifact(h: Settings, q: Quantized, code_bytes: int) -> tuple[bytes, list[dict], dict[str, int], dict]:
+    """Compress q; prune PRUNE_FRACTION of the weights, then as few more +-1 codes as make model + code
+    fit TARGET_BYTES (found by bisection on the real compressed size, each stream keeping the codec the
+    unpruned model chose). Returns (blob, streams, pruned per tensor, seconds per phase)."""
+    t0 = time.perf_counter()
+    order = prune_order(q)
+    total = sum(c.numel() for c in q.codes.values())
+    fixed_n = min(len(order.flat), round(h.prune_fraction * total))
+    qn, counts = pruned(q, order, fixed_n)
+    streams = encode_all(h, qn)
+    blob = pack_artifact(qn, streams)
+    seconds = dict(compress=time.perf_counter() - t0, prune=0.0)
+    target = h.target_bytes or h.size_limit - code_bytes - SIZE_MARGIN
+    if h.target_bytes == -1 or len(blob) <= target:
+        log(f"prune: codes:{fixed_n} candidates:{len(order.flat)} target:{target if h.target_bytes != -1 else 'off'} "
+            f"model_bytes:{len(blob)} fits:{h.target_bytes == -1 or len(blob) <= target}")
+        return blob, streams, counts, seconds
+    t0 = time.perf_counter()
+    fixed = [(s["codec"], s["layout"]) for s in streams]
+
+    def attempt(n: int) -> tuple[bytes, list[dict], dict[str, int]]:
+        qp, cnt = pruned(q, order, n)
+        enc = encode_all(h, qp, fixed)
+        return pack_artifact(qp, enc), enc, cnt
+
+    best = attempt(len(order.flat))
+    if len(best[0]) > target:
+        seconds["prune"] = time.perf_counter() - t0
+        log(f"prune: cannot reach target:{target} even with all {len(order.flat)} +-1 codes zeroed "
+            f"(model_bytes:{len(best[0])}); kept unpruned at {len(blob)} bytes: lower the bits or the model size")
+        return blob, streams, counts, seconds
+    lo, hi = fixed_n, len(order.flat)  # size(lo) > target >= size(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        trial = attempt(mid)
+        if len(trial[0]) <= target:
+            hi, best = mid, trial
+        else:
+            lo = mid
+    blob, streams, counts = best
+    seconds["prune"] = time.perf_counter() - t0
+    log(f"prune: codes:{hi} candidates:{len(order.flat)} target:{target} model_bytes:{len(blob)} fits:True "
+        f"search_seconds:{seconds['prune']:.1f}")
+    return blob, streams, counts, seconds
+
+
+def log_export(h: Settings, q: Quantized, streams: list[dict], counts: dict[str, int]) -> None:
+    """One line per tensor group: bits, clip, quantization error, pruned codes, bytes by codec."""
+    rules = {"mlp": h.quant_clip_mlp, "attn": h.quant_clip_attn, "embed": h.quant_clip_embed}
+    groups: dict[str, dict] = {}
+    for s in streams:
+        group = tensor_group(s["name"]) if s["name"] else "raw"
+        g = groups.setdefault(group, dict(tensors=set(), bits=set(), bytes=0, sizes={}, chosen={}, params=0,
+                                          mse=0.0, norm=0.0, herr=0.0, hnorm=0.0, pruned=0))
+        g["bytes"] += len(s["data"])
+        g["chosen"][s["codec"]] = g["chosen"].get(s["codec"], 0) + 1
+        for codec, size in s["sizes"].items():
+            g["sizes"][codec] = g["sizes"].get(codec, 0) + size
+        if s["name"] and s["name"] not in g["tensors"]:
+            g["tensors"].add(s["name"])
+            g["bits"].add(q.bits[s["name"]])
+            g["pruned"] += counts.get(s["name"], 0)
+            for key in ("params", "mse", "norm", "herr", "hnorm"):
+                g[key] += q.stats[s["name"]][key]
+    for group, g in groups.items():
+        sizes = " ".join(f"{codec}:{size}" for codec, size in g["sizes"].items())
+        chosen = ",".join(f"{codec}x{n}" for codec, n in g["chosen"].items())
+        if group == "raw":
+            log(f"quant_group:raw tensors:{len(q.raw)} stored:fp16 bytes:{g['bytes']} {sizes} chosen:{chosen}")
+            continue
+        log(f"quant_group:{group} tensors:{len(g['tensors'])} params:{g['params']} "
+            f"bits:{','.join(map(str, sorted(g['bits'])))} method:{h.quant_method} clip:{rules[group]} "
+            f"rel_mse:{g['mse'] / max(g['norm'], 1e-30):.4e} rel_hessian_err:{g['herr'] / max(g['hnorm'], 1e-30):.4e} "
+            f"pruned:{g['pruned']} bytes:{g['bytes']} {sizes} chosen:{chosen}")
+
+
+def load_artifact_into(model: nn.Module, path: str | Path) -> None:
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"artifact {path} does not exist")
+    state = deserialize_artifact(path.read_bytes())
+    expected = model.state_dict()
+    bad = sorted(set(expected) ^ set(state)) + sorted(
+        k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+    if bad:
+        raise ArtifactError(f"artifact {path} does not match this model's settings (first mismatch: {bad[0]})")
+    model.load_state_dict(state)
+
+
+# -----------------------------------------------------------------------------
+# CODE SIZE: THE SCRIPT AS SUBMITTED, OPTIONALLY PACKED
+# -----------------------------------------------------------------------------
+
+PACK_HEAD = "import lzma,base64;exec(lzma.decompress(base64.b85decode("
+
+
+def pack_source(src: str) -> str:
+    """A self-extracting copy of a script that runs identically: docstrings and comments dropped by an
+    ast round trip (deterministic for a given Python version), raw LZMA2 at preset 9e, base85."""
+    tree = ast.parse(src)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    packed = lzma.compress(ast.unparse(tree).encode(), format=lzma.FORMAT_RAW,
+                           filters=[{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}])
+    return (f'{PACK_HEAD}"{base64.b85encode(packed).decode()}"),format=lzma.FORMAT_RAW,'
+            'filters=[{"id":lzma.FILTER_LZMA2}]))\n')
+
+
+def submitted_code(h: Settings) -> str:
+    """The code whose bytes count: this file, or with CODE_PACK its packed copy (unless already packed)."""
+    src = Path(__file__).read_text(encoding="utf-8")
+    return pack_source(src) if h.code_pack and not src.startswith(PACK_HEAD) else src
+
+
+# -----------------------------------------------------------------------------
 # MAIN
 # -----------------------------------------------------------------------------
 
 
-def write_artifact(h: Settings, rt: Runtime, model: GPT) -> Path:
-    """Rank 0 quantizes, compresses and writes the artifact; every rank then reads the same file."""
+def write_artifact(h: Settings, rt: Runtime, model: GPT, hessians: dict[str, torch.Tensor] | None) -> Path:
+    """Rank 0 calibrates (self-generated tokens unless Hessians came from training data), quantizes,
+    prunes to fit and compresses; every rank then reads the same file."""
     path = Path(h.artifact_path or Path(h.log_dir) / f"{h.run_id}.ptz")
     if rt.is_main:
-        t0 = time.perf_counter()
+        t_start = t0 = time.perf_counter()
         state = model.state_dict()
-        blob = serialize_artifact(state, export_bits(h, state), h.zstd_level)
+        if h.quant_method == "gptq" and hessians is None:
+            tokens = generate_calibration(h, rt, model)
+            gen_s = time.perf_counter() - t0
+            sums, count = collect_hessians(rt, model, tokens.split(max(1, h.eval_batch_tokens // h.calib_len)),
+                                           export_bits(h, state))
+            hessians = {k: v / count for k, v in sums.items()}
+            log(f"gptq:calibration source:selfgen seqs:{h.calib_seqs} len:{h.calib_len} temp:{h.calib_temp} "
+                f"hessians:{len(hessians)} generate_seconds:{gen_s:.1f} seconds:{time.perf_counter() - t0:.1f}")
+        seconds = dict(calibration=time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        q = quantize_model(h, state, hessians or {})
+        seconds["gptq"] = time.perf_counter() - t0
+        code = submitted_code(h)
+        code_bytes = len(code.encode())
+        blob, streams, counts, phase = export_artifact(h, q, code_bytes)
+        seconds.update(phase)
+        log_export(h, q, streams, counts)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(blob)
-        code_bytes = len(Path(__file__).read_bytes())
+        code_path = path.with_suffix(".py")
+        code_path.write_text(code, encoding="utf-8")
         total = len(blob) + code_bytes
-        log(f"Serialized model quant+zstd: {len(blob)} bytes ({time.perf_counter() - t0:.1f}s) path:{path} "
-            f"bits mlp:{h.quant_bits_mlp} attn:{h.quant_bits_attn} embed:{h.quant_bits_embed}")
-        log(f"Code size: {code_bytes} bytes")
-        log(f"Total submission size quant+zstd: {total} bytes limit:{h.size_limit} fits:{total <= h.size_limit}")
+        tag = f"{h.quant_method}+{h.compressor}"
+        log(f"Serialized model {tag}: {len(blob)} bytes path:{path} bits mlp:{h.quant_bits_mlp} "
+            f"attn:{h.quant_bits_attn} embed:{h.quant_bits_embed}")
+        log(f"Code size: {code_bytes} bytes raw:{len(Path(__file__).read_bytes())} packed:{h.code_pack} "
+            f"path:{code_path}")
+        log(f"Total submission size {tag}: {total} bytes limit:{h.size_limit} fits:{total <= h.size_limit}")
+        log("artifact_time: " + " ".join(f"{k}:{v:.1f}s" for k, v in seconds.items())
+            + f" total:{time.perf_counter() - t_start:.1f}s")
     if rt.distributed:
         dist.barrier()
     return path
@@ -1900,7 +2448,7 @@ def evaluate_artifact(h: Settings, rt: Runtime) -> None:
     log(f"val_tokens:{val.tokens.numel() - 1} eval_artifact:{h.eval_artifact}")
     model = build_model(h, rt)
     load_artifact_into(model, h.eval_artifact)
-    final_evaluation(h, rt, model, val, "quant_zstd")
+    final_evaluation(h, rt, model, val, "quant")
 
 
 H100_BF16_FLOPS = 989e12  # dense bf16 peak of one H100 SXM
@@ -1908,6 +2456,7 @@ H100_BF16_FLOPS = 989e12  # dense bf16 peak of one H100 SXM
 
 def plan(h: Settings) -> None:
     """PLAN=1: what this configuration costs, without data. Labelled estimates where they are ones."""
+    torch.manual_seed(h.seed)  # the artifact estimate depends on the initial weights
     model = build_model(h, Runtime())
     log_model(h, model)
     n_params = sum(p.numel() for p in model.parameters())
@@ -1917,11 +2466,13 @@ def plan(h: Settings) -> None:
     fwd = 2 * (linear + h.vocab_size * h.model_dim) + 2 * h.num_layers * h.train_seq_len * h.model_dim
     train_flops = 3 * fwd
     log(f"flops_per_token forward:{fwd:.4g} train:{train_flops:.4g}")
-    state = model.state_dict()
     t0 = time.perf_counter()
-    blob = serialize_artifact(state, export_bits(h, state), h.zstd_level)
-    code = len(Path(__file__).read_bytes())
-    log(f"artifact_estimate (initialized weights, not trained ones): model:{len(blob)} code:{code} "
+    # Round to nearest and rANS (close to the codes' entropy): fast, and no calibration needed.
+    quick = copy.copy(h)  # not dataclasses.replace: that would re-read the env vars
+    quick.quant_method, quick.compressor = "rtn", "rans"
+    blob = pack_artifact(q := quantize_model(quick, model.state_dict(), {}), encode_all(quick, q))
+    code = len(submitted_code(h).encode())
+    log(f"artifact_estimate (initialized weights, not trained ones; rtn+rans): model:{len(blob)} code:{code} "
         f"total:{len(blob) + code} limit:{h.size_limit} fits:{len(blob) + code <= h.size_limit} "
         f"({time.perf_counter() - t0:.1f}s)")
     # Memory: fp32 weights, grads, AdamW/Muon state and EMA, plus bf16 activations of one micro-batch
@@ -1970,6 +2521,9 @@ def train_and_eval(h: Settings, rt: Runtime) -> None:
     # The averaged weights really replace the live ones (public records collected SWA, never used it).
     set_qat(model, False)
     chosen = trainer.averager.apply_final()
+    hessians = None
+    if h.quant_method == "gptq" and h.calib_source == "train":
+        hessians = calibrate_on_train(h, rt, trainer, train_ms)
     if chosen != "live":
         t0 = time.perf_counter()
         loss, bpb, _, _ = evaluate(h, rt, trainer.compiled, val)  # the QAT-off graph is already compiled
@@ -1977,10 +2531,10 @@ def train_and_eval(h: Settings, rt: Runtime) -> None:
             f"val_bpb:{bpb:.4f} eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
 
     # The score comes from the artifact loaded into a fresh model, never from the live one.
-    path = write_artifact(h, rt, model)
+    path = write_artifact(h, rt, model, hessians)
     fresh = build_model(h, rt)
     load_artifact_into(fresh, path)
-    final_evaluation(h, rt, fresh, val, "quant_zstd")
+    final_evaluation(h, rt, fresh, val, "quant")
 
 
 def main() -> None:

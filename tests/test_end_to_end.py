@@ -8,7 +8,7 @@ import pytest
 from conftest import ROOT, TOKENIZER
 
 STEP = re.compile(r"^step:(\d+)/\d+ train_loss:([\d.]+)", re.M)
-FINAL = re.compile(r"^final_quant_zstd_roundtrip_exact val_loss:([\d.]+) val_bpb:([\d.]+)", re.M)
+FINAL = re.compile(r"^final_quant_roundtrip_exact val_loss:([\d.]+) val_bpb:([\d.]+)", re.M)
 
 
 def run(cmd, env, tmp_path, timeout=300):
@@ -24,7 +24,7 @@ def tiny_run_env(data_path, **extra):
                    NUM_LAYERS="2", MODEL_DIM="128", NUM_HEADS="4", NUM_KV_HEADS="2", TRAIN_SEQ_LEN="32",
                    EVAL_SEQ_LEN="64", TRAIN_BATCH_TOKENS="256", ITERATIONS="6", WARMUP_STEPS="1",
                    MAX_WALLCLOCK_SECONDS="0", WARMDOWN_ITERS="3", VAL_LOSS_EVERY="3", TRAIN_LOG_EVERY="1",
-                   OMP_NUM_THREADS="1"), **extra}
+                   CALIB_SEQS="4", CALIB_LEN="32", OMP_NUM_THREADS="1"), **extra}
 
 
 @pytest.mark.parametrize("parallel_muon", ["1", "0"])
@@ -47,14 +47,15 @@ def test_two_gloo_processes_follow_the_single_process_trajectory(small_data, tmp
 def test_smoke_preset_runs_end_to_end(tmp_path):
     out = run([sys.executable, "train_gpt.py"], dict(PRESET="smoke", ITERATIONS="3", RUN_ID="smoke"), tmp_path)
     for line in ("val_tokens:628456 val_bytes:1489418", "step:3/3 train_loss:", "step:3/3 val_loss:",
-                 "final_weights:ema", "Serialized model quant+zstd:", "Code size:", "Total submission size quant+zstd:",
-                 "final_quant_zstd_roundtrip val_loss:", "final_quant_zstd_roundtrip_exact val_loss:",
-                 "eval_projection:", "final_quant_zstd_sliding_window val_loss:", "stride:128", "total_eval_time:"):
+                 "final_weights:ema", "Serialized model gptq+hybrid:", "Code size:", "Total submission size gptq+hybrid:",
+                 "gptq:calibration source:selfgen", "quant_group:mlp", "artifact_time:",
+                 "final_quant_roundtrip val_loss:", "final_quant_roundtrip_exact val_loss:",
+                 "eval_projection:", "final_quant_sliding_window val_loss:", "stride:128", "total_eval_time:"):
         assert line in out
     assert "scored_tokens:628456 scored_bytes:1489418" in out
     logged = (tmp_path / "logs" / "smoke.txt").read_text()
     assert logged.startswith((ROOT / "train_gpt.py").read_text())  # the log opens with the source
-    assert "python:" in logged and "  model_dim:128" in logged and "final_quant_zstd_roundtrip_exact" in logged
+    assert "python:" in logged and "  model_dim:128" in logged and "final_quant_roundtrip_exact" in logged
     assert (tmp_path / "logs" / "smoke.ptz").stat().st_size > 0
 
 
@@ -83,7 +84,7 @@ def test_eval_artifact_reproduces_the_score_and_ttt_ranks_stay_in_step(small_dat
     one = run([sys.executable, "train_gpt.py"], {**ttt_env, "RUN_ID": "t1"}, tmp_path)
     two = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_gpt.py"],
               {**ttt_env, "RUN_ID": "t2"}, tmp_path)
-    assert "final_quant_zstd_sliding_window val_loss:" in one and "ttt_chunk [4/4]" in one
+    assert "final_quant_sliding_window val_loss:" in one and "ttt_chunk [4/4]" in one
     (l1, b1), (l2, b2) = TTT_EXACT.findall(one)[0], TTT_EXACT.findall(two)[0]
     assert float(l1) == pytest.approx(float(l2), rel=1e-5) and float(b1) == pytest.approx(float(b2), rel=1e-5)
     blob = (tmp_path / "logs" / "art.ptz").read_bytes()

@@ -94,3 +94,20 @@ def test_schedules(make_settings):
     assert tg.muon_momentum_at(h, 0) == pytest.approx(0.85)
     assert tg.muon_momentum_at(h, 250) == pytest.approx(0.90)
     assert tg.muon_momentum_at(h, 5000) == pytest.approx(0.95)
+
+
+@pytest.mark.parametrize("extra", [{}, dict(attn_gate=1, value_residual=1, num_kv_heads=4, xsa_last_n=1)])
+def test_kv_cache_decoding_equals_the_full_forward(tiny, extra):
+    """Token-by-token decoding (self-generated calibration) gives the full forward's logits, BOS resets included."""
+    h = tiny(**extra)
+    torch.manual_seed(0)
+    model = tg.GPT(h)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    model.eval()
+    x = torch.randint(0, 1024, (3, 20))
+    x[:, 9] = tg.BOS_ID
+    full = model.logits(x)
+    cache = tg.KVCache(20)
+    steps = torch.cat([model.head(model.hidden(x[:, t:t + 1], cache)) for t in range(20)], dim=1)
+    assert torch.allclose(steps, full, atol=1e-5)

@@ -56,6 +56,16 @@ def test_types_are_parsed(make_settings):
     (dict(resume="/nonexistent/run.ckpt"), "RESUME=/nonexistent/run.ckpt does not exist"),
     (dict(eval_artifact="/nonexistent/m.ptz"), "EVAL_ARTIFACT=/nonexistent/m.ptz does not exist"),
     (dict(vocab_size="70000"), "does not fit the uint16 shard format"),
+    (dict(compressor="zip"), "COMPRESSOR='zip' must be one of: zstd, lzma, brotli, rans, hybrid"),
+    (dict(quant_clip_mlp="max"), "QUANT_CLIP_MLP='max' must be one of: absmax, pct, std, auto"),
+    (dict(quant_method="awq"), "QUANT_METHOD='awq' must be one of: gptq, rtn"),
+    (dict(clip_sigmas="3,x"), "CLIP_SIGMAS='3,x' must be a comma-separated list of positive numbers"),
+    (dict(clip_percentiles="0.99,1.5"), "CLIP_PERCENTILES='0.99,1.5' must be fractions in (0, 1]"),
+    (dict(calib_source="val"), "CALIB_SOURCE='val' must be one of: selfgen, train"),
+    (dict(calib_source="train"), "CALIB_SOURCE=train reads training data, which needs time inside the budget"),
+    (dict(target_bytes="-2"), "TARGET_BYTES=-2 must be >= 0, or -1 for no pruning"),
+    (dict(prune_fraction="1.5"), "PRUNE_FRACTION=1.5 must be in [0, 1]"),
+    (dict(calib_temp="0"), "CALIB_TEMP=0.0 must be > 0"),
 ])
 def test_bad_values_raise_one_clear_error(make_settings, env, message):
     with pytest.raises(tg.SettingsError) as err:

@@ -72,11 +72,13 @@ def test_averaged_weights_are_applied(make_settings):
 @pytest.mark.parametrize("bits", [4, 5, 6])
 def test_fake_quantization_is_the_export_grid(tiny, bits):
     """What QAT trains on is, value for value, what the artifact stores."""
-    h = tiny(quant_bits_mlp=bits, quant_bits_attn=bits)
+    h = tiny(quant_bits_mlp=bits, quant_bits_attn=bits, quant_method="rtn", quant_clip_mlp="absmax",
+             quant_clip_attn="absmax", quant_min_numel=0)
     torch.manual_seed(0)
     model = tg.GPT(h)
     state = model.state_dict()
-    exported = tg.dequantize_state(*tg.quantize_state(state, tg.export_bits(h, state)))
+    q = tg.quantize_model(h, state, {})
+    exported = tg.deserialize_artifact(tg.pack_artifact(q, tg.encode_all(h, q)))
     for name, module in model.named_modules():
         if isinstance(module, tg.QATLinear) and name + ".weight" in tg.export_bits(h, state):
             assert torch.equal(tg.fake_quantize(module.weight, bits).detach(), exported[name + ".weight"])
