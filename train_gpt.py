@@ -773,7 +773,7 @@ def attend(q, k, v, doc_ids: torch.Tensor | None, fa3: bool) -> torch.Tensor:
     if doc_ids is not None:
         doc = torch.cumsum(doc_ids == BOS_ID, dim=1)
         mask = (doc[:, :, None] == doc[:, None, :]).tril()[:, None]  # causal and same document
-    # A lone query against cached keys (decoding) sees them all; FA3's causal mask is bottom-right aligned.
+    # A lone query against cached keys (decoding) sees them all.
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
                                        is_causal=mask is None and T > 1, enable_gqa=k.size(2) != H)
     return y.transpose(1, 2)
@@ -879,7 +879,7 @@ class Attention(nn.Module):
         q = self.rotary(q, offset) * self.q_gain.to(q.dtype)[:, None]
         k = self.rotary(k, offset)
         keys, values = cache.extend(self.layer, k, v) if cache is not None else (k, v)
-        y = attend(q, keys, values, doc_ids, fa3)
+        y = attend(q, keys, values, doc_ids, fa3 and cache is None)  # decoding: SDPA over the cache
         if self.xsa:
             y = exclusive_self_attention(y, v)
         if self.gate is not None:
@@ -1849,14 +1849,14 @@ def calibrate_on_train(h: Settings, rt: Runtime, trainer: Trainer, train_ms: flo
     names = export_bits(h, trainer.model.state_dict())
 
     def batches():
-        seen = 0
-        while seen < h.calib_seqs and time.perf_counter() < deadline:
+        seen = 0  # at least one batch, so that every rank holds every Hessian for the all-reduce
+        while seen == 0 or (seen < h.calib_seqs and time.perf_counter() < deadline):
             x, _ = trainer.loader.next_batch()
             seen += x.size(0) * rt.world_size
             yield x
 
     sums, tokens = collect_hessians(rt, trainer.model, batches(), names)
-    if rt.distributed:  # every rank holds every key: each reads at least one batch before the deadline test
+    if rt.distributed:
         for key in sorted(sums):
             dist.all_reduce(sums[key])
         total = torch.tensor(float(tokens), device=rt.device)
@@ -2548,6 +2548,8 @@ def main() -> None:
         h.run_id = resolve_run_id(h, rt)
         start_log(h, rt)
         (evaluate_artifact if h.eval_artifact else train_and_eval)(h, rt)
+        if rt.distributed:  # no rank tears gloo/NCCL down while another still has work in flight
+            dist.barrier()
     except (SettingsError, DataError, ArtifactError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)

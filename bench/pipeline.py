@@ -51,14 +51,14 @@ ABLATIONS = {  # row -> (what is off, env overrides of the full recipe, a Settin
 }
 PROPORTIONAL = ("bigram_buckets", "bigram_dim", "ve_dim", "warmdown_iters", "muon_momentum_warmup_steps",
                 "swa_every", "calib_seqs", "calib_len")
-EVAL_STRIDE, TTT_CHUNK_DIVISOR, TTT_BATCH_SEQS, SLOT_STEPS_DIVISOR = 64, 8, 8, 8
+EVAL_STRIDE, TTT_CHUNK_DIVISOR, TTT_EPOCHS_DIVISOR, TTT_BATCH_SEQS, SLOT_STEPS_DIVISOR = 64, 8, 3, 8, 8
 RULE = f"""The CPU scale, one rule for every row on top of its preset (scaled_env in bench/pipeline.py):
 - shape and schedule of PRESET=smoke for all: width, heads, depth, sequence length, batch, no compile;
 - {', '.join(PROPORTIONAL)}: the preset's value times smoke's ratio to our defaults;
 - KV heads keep the preset's heads ratio (GQA vs MHA), XSA its fraction of the layers, partial RoPE its
   fraction of the head dim; the EMA horizon 1/(1-decay) shrinks as smoke's does; QUANT_MIN_NUMEL as smoke;
 - eval: stride {EVAL_STRIDE} wherever the preset slides, TTT chunks /{TTT_CHUNK_DIVISOR} at the eval length with \
-{TTT_BATCH_SEQS} sequences per step (epochs as the preset), SLOT steps /{SLOT_STEPS_DIVISOR}."""
+{TTT_BATCH_SEQS} sequences per step, TTT epochs /{TTT_EPOCHS_DIVISOR} (at least 1), SLOT steps /{SLOT_STEPS_DIVISOR}."""
 
 
 def load_module(name: str, path: Path):
@@ -99,6 +99,7 @@ def scaled_env(tg, preset: str, seconds: float) -> dict[str, str]:
     # EMA: its horizon 1/(1-decay) shrinks as smoke's does (0.997 -> 0.95 at our defaults)
     env["ema_decay"] = round(1 - (1 - p.ema_decay) * (1 - s.ema_decay) / (1 - d.ema_decay), 4) if p.ema_decay else 0
     env["eval_stride"] = EVAL_STRIDE if 0 < p.eval_stride < p.eval_seq_len else 0
+    env["ttt_epochs"] = max(1, round(p.ttt_epochs / TTT_EPOCHS_DIVISOR)) if p.ttt_epochs else 0
     env.update(ttt_seq_len=s.eval_seq_len, ttt_batch_seqs=TTT_BATCH_SEQS,
                ttt_chunk_tokens=max(s.eval_seq_len, p.ttt_chunk_tokens // TTT_CHUNK_DIVISOR))
     env["slot_steps"] = max(1, p.slot_steps // SLOT_STEPS_DIVISOR) if p.slot_steps else 0
@@ -186,7 +187,7 @@ def table(records: list[dict], rows: dict, order: list[str]) -> tuple[str, str]:
     full = {r["seed"]: r["final"] for r in ok.get("full", [])}
     head = ["row", "steps", "tok/s", *(f"{s} bpb" for s in STAGES), "final bpb", "Δ final vs full",
             "model bytes", "train s", "quant s", "eval s", "wall s", "note"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines, hurt = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)], []
     for name in order:
         runs, note = ok[name], []
         failed = [r for r in records if r["row"] == name and r["status"] != "ok"]
@@ -197,6 +198,7 @@ def table(records: list[dict], rows: dict, order: list[str]) -> tuple[str, str]:
         what = rows[name][2]
         if what and delta and statistics.fmean(delta) < 0:
             note.append(f"worse at this scale: {what} hurts (off is {-statistics.fmean(delta):.4f} bpb better)")
+            hurt.append(name)
         stage_names = sorted({r["final_stage"] for r in runs})
         cells = [name, cell(num("steps"), 0), cell(num("tok_s"), 0), *(cell(num(s), 4) for s in STAGES),
                  cell(num("final"), 4) + (f" ({'/'.join(stage_names)})" if stage_names else ""),
@@ -210,6 +212,7 @@ def table(records: list[dict], rows: dict, order: list[str]) -> tuple[str, str]:
         gap = statistics.fmean(base)
         verdict = (f"full {'beat' if gap > 0 else 'did NOT beat'} baseline on final bpb by {gap:+.4f} "
                    f"(baseline minus full, mean over {len(base)} seed(s)).")
+    verdict += f" Turning off made it better at this scale: {', '.join(hurt) or 'no ablation'}."
     return "\n".join(lines), verdict
 
 

@@ -34,19 +34,24 @@ def three_logs(tmp_path_factory):
 
 
 def test_submission_json_from_logs(three_logs, tmp_path):
-    paths, outputs, _ = three_logs
+    paths, outputs, tmp = three_logs
+    packed = tmp / "logs" / "s1.py"  # the packed script whose bytes the runs counted (CODE_PACK=1)
+    assert packed.read_text() == tg.pack_source((ROOT / "train_gpt.py").read_text())
+    with pytest.raises(SystemExit, match="it is not the script that made them"):
+        submission.main([*map(str, paths), "--name", "tiny", "--author", "A", "--github-id", "a",
+                         "--out", str(tmp_path / "raw"), "--script", str(ROOT / "train_gpt.py")])
     sub = submission.main([*map(str, paths), "--name", "tiny", "--author", "A", "--github-id", "a",
-                           "--out", str(tmp_path), "--script", str(ROOT / "train_gpt.py")])
+                           "--out", str(tmp_path), "--script", str(packed)])
     on_disk = json.loads((tmp_path / "submission.json").read_text())
     assert on_disk == sub and sub["seeds"] == [1, 2, 3] and sub["track"] == "10min_16mb"
     sliding = [float(line.split("val_bpb:")[1].split()[0]) for o in outputs.values()
                for line in o.splitlines() if line.startswith("final_quant_sliding_window_exact")]
     assert sub["scored_by"] == "sliding" and sub["val_bpb"] == pytest.approx(statistics.mean(sliding), abs=1e-8)
     assert sub["val_bpb_std"] == pytest.approx(statistics.stdev(sliding), abs=1e-8)
-    assert sub["bytes_code"] == len((ROOT / "train_gpt.py").read_bytes())
+    assert sub["bytes_code"] == len(packed.read_bytes())
     assert sub["compliance"]["artifact_under_16mb"] and sub["compliance"]["train_under_600s"]
     assert sub["compliance"]["three_seeds"] and sub["compliance"]["score_first_ttt"] is None
-    assert (tmp_path / "train_gpt.py").read_bytes() == (ROOT / "train_gpt.py").read_bytes()
+    assert (tmp_path / "train_gpt.py").read_bytes() == packed.read_bytes()
     assert (tmp_path / "s1.txt").exists() and "| **mean ± std** |" in (tmp_path / "results.md").read_text()
     quantized = [float(m[1]) for o in outputs.values() for m in FINAL.findall(o)]
     assert [logs_mod.read_log(p).stages["quantized"][1] for p in paths] == quantized
