@@ -176,9 +176,8 @@ def run_row(logs_mod, name: str, env: dict[str, str], logs: Path) -> dict:
 def cell(values: list[float], digits: int, sign: bool = False) -> str:
     if not values:
         return ""
-    fmt = f"{{:{'+' if sign else ''},.{digits}f}}"
-    mean = fmt.format(statistics.fmean(values))
-    return f"{mean} ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else mean
+    mean = f"{statistics.fmean(values):{'+' if sign else ''},.{digits}f}"
+    return f"{mean} ± {statistics.stdev(values):,.{digits}f}" if len(values) > 1 else mean
 
 
 def table(records: list[dict], rows: dict, order: list[str]) -> tuple[str, str]:
