@@ -179,7 +179,7 @@ class Settings:
     calib_len: int = 2048  # selfgen sequence length (train: TRAIN_SEQ_LEN)
     calib_temp: float = 0.8
     compressor: str = "hybrid"  # zstd | lzma | brotli | rans | hybrid (the smallest per stream)
-    target_bytes: int = 0  # prune the cheapest +-1 codes until model+code fit this; 0: SIZE_LIMIT-code-1000; -1: off
+    target_bytes: int = 0  # model bytes to prune down to (cheapest +-1 codes); 0: SIZE_LIMIT-code-1000; -1: off
     prune_fraction: float = 0.0  # or always zero this fraction of the quantized weights (cheapest +-1 first)
     code_pack: bool = True  # count the code as the packed script (lzma+base85 of the minified source)
     artifact_path: str = ""  # empty: <log_dir>/<run_id>.ptz
@@ -2067,8 +2067,10 @@ def encode_stream(part: str, data: np.ndarray, bits: int, codecs, layout: str | 
         if codec == "rans":
             blob, counts = rans_encode(symbols(), alphabet)
             tries = [("sym", blob, counts)]
-            # The counts go to the (lzma-compressed) header: charge their own lzma size, a slight overestimate.
-            extra = len(lzma.compress(json.dumps(counts).encode(), format=lzma.FORMAT_RAW, filters=LZMA_FILTERS))
+            # The counts go to the (lzma-compressed) header: when codecs compete, charge their own lzma
+            # size, a slight overestimate.
+            extra = len(lzma.compress(json.dumps(counts).encode(), format=lzma.FORMAT_RAW,
+                                      filters=LZMA_FILTERS)) if len(codecs) > 1 else 0
         else:
             tries, extra = [(lay, BYTE_CODECS[codec][0](make()), None) for lay, make in layouts.items()
                             if layout in (None, lay)], 0

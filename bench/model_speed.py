@@ -8,16 +8,13 @@ table shows the median tokens/s. Not a test: numbers depend on the machine.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
+from common import load_module
 
-ROOT = Path(__file__).resolve().parents[1]
 ABLATIONS = {  # row -> env overrides of the preset (one technique off each)
     "all on": {},
     "BigramHash off": {"BIGRAM_BUCKETS": "0"},
@@ -30,14 +27,6 @@ ABLATIONS = {  # row -> env overrides of the preset (one technique off each)
     "value residual on": {"VALUE_RESIDUAL": "1"},
     "doc masking on": {"DOC_MASK": "1"},
 }
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("train_gpt", ROOT / "train_gpt.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["train_gpt"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def settings(tg, preset: str, overrides: dict[str, str]):
@@ -66,7 +55,7 @@ def time_step(tg, h, batch: torch.Tensor, repeats: int) -> float:
 
 
 def main() -> None:
-    tg = load_script()
+    tg = load_module("train_gpt", "train_gpt.py")
     preset = os.environ.get("BENCH_PRESET", "smoke")
     rounds, repeats = int(os.environ.get("BENCH_ROUNDS", 3)), int(os.environ.get("BENCH_REPEATS", 3))
     base = settings(tg, preset, {})

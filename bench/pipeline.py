@@ -6,7 +6,8 @@ EMA/SWA, quantization, compression, and the evaluation passes, with bpb at every
   BENCH_SEEDS=3 python3 bench/pipeline.py                      # mean ± std over seeds 1337, 1338, 1339
 
 Env: BENCH_ROWS (comma list, default all), BENCH_SECONDS (training seconds per row, 60), BENCH_SEEDS (1),
-BENCH_VAL_TOKENS (val cut, 65536), BENCH_OUT (bench/results: pipeline.csv, pipeline.md, logs/).
+BENCH_VAL_TOKENS (val cut, 65536), BENCH_OUT (bench/results: pipeline.csv, pipeline.md, logs/),
+BENCH_RENDER (1: only rewrite pipeline.md from BENCH_OUT's csv, e.g. after changing the table code).
 Each row is one `train_gpt.py` subprocess with its preset, scaled to the CPU by one rule for every row
 (scaled_env); rows run interleaved (for each seed, every row) so that drift of the machine hits them alike.
 Validation is the sample's val cut to its first BENCH_VAL_TOKENS tokens, at a document boundary.
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import importlib.util
 import os
 import platform
 import re
@@ -28,7 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, load_module
+
 SAMPLE = ROOT / "data" / "sample" / "fineweb_sp1024"
 TOKENIZER = ROOT / "data" / "tokenizers" / "fineweb_1024_bpe.model"
 STAGES = ("live", "averaged", "quantized", "sliding", "ttt")
@@ -49,6 +50,11 @@ ABLATIONS = {  # row -> (what is off, env overrides of the full recipe, a Settin
     "no-sliding": ("sliding window", {"EVAL_STRIDE": "0"}, ""),
     "no-ttt": ("TTT", {"TTT_EPOCHS": "0"}, ""),
 }
+# Ablations that leave training as full's: their technique is judged inside the runs, on the stage it
+# changes (stage after minus stage before), not on the final score, which carries the runs' training noise.
+# (ablation row, stage before, stage after): GPTQ's quantization gap is compared with round-to-nearest's.
+WITHIN_RUN = {"no-ema-swa": ("live", "averaged"), "no-gptq": ("averaged", "quantized"),
+              "no-sliding": ("quantized", "sliding"), "no-ttt": ("sliding", "ttt")}
 PROPORTIONAL = ("bigram_buckets", "bigram_dim", "ve_dim", "warmdown_iters", "muon_momentum_warmup_steps",
                 "swa_every", "calib_seqs", "calib_len")
 EVAL_STRIDE, TTT_CHUNK_DIVISOR, TTT_EPOCHS_DIVISOR, TTT_BATCH_SEQS, SLOT_STEPS_DIVISOR = 64, 8, 3, 8, 8
@@ -59,14 +65,6 @@ RULE = f"""The CPU scale, one rule for every row on top of its preset (scaled_en
   fraction of the head dim; the EMA horizon 1/(1-decay) shrinks as smoke's does; QUANT_MIN_NUMEL as smoke;
 - eval: stride {EVAL_STRIDE} wherever the preset slides, TTT chunks /{TTT_CHUNK_DIVISOR} at the eval length with \
 {TTT_BATCH_SEQS} sequences per step, TTT epochs /{TTT_EPOCHS_DIVISOR} (at least 1), SLOT steps /{SLOT_STEPS_DIVISOR}."""
-
-
-def load_module(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def settings(tg, preset: str):
@@ -180,10 +178,20 @@ def cell(values: list[float], digits: int, sign: bool = False) -> str:
     return f"{mean} ± {statistics.stdev(values):,.{digits}f}" if len(values) > 1 else mean
 
 
+def stage_gain(run: dict, before: str, after: str) -> float | None:
+    """bpb of stage `after` minus stage `before` in one run (negative: the stage helped)."""
+    if run.get(before, "") == "" or run.get(after, "") == "":
+        return None
+    return float(run[after]) - float(run[before])
+
+
 def table(records: list[dict], rows: dict, order: list[str]) -> tuple[str, str]:
-    """The markdown table (mean ± std over seeds) and the verdict line under it."""
-    ok = {name: [r for r in records if r["row"] == name and r["status"] == "ok"] for name in order}
-    full = {r["seed"]: r["final"] for r in ok.get("full", [])}
+    """The markdown table (mean ± std over seeds) and the verdict lines under it."""
+    ok = {name: [r for r in records if r["row"] == name and r["status"] == "ok"] for name in rows}
+    full = {r["seed"]: r for r in ok.get("full", [])}
+    # Noise: rows whose training is full's differ only by the run (wall-clock steps); their live bpb spread.
+    same = [float(r["live"]) for name in ("full", *WITHIN_RUN) if name in order for r in ok[name] if r.get("live")]
+    noise = max(same) - min(same) if len(same) > 1 else None
     head = ["row", "steps", "tok/s", *(f"{s} bpb" for s in STAGES), "final bpb", "Δ final vs full",
             "model bytes", "train s", "quant s", "eval s", "wall s", "note"]
     lines, hurt = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)], []
@@ -193,25 +201,43 @@ def table(records: list[dict], rows: dict, order: list[str]) -> tuple[str, str]:
         if failed:
             note.append(f"{len(failed)} run(s) {failed[-1]['status']}")
         num = lambda key: [float(r[key]) for r in runs if r.get(key, "") != ""]  # noqa: E731
-        delta = [r["final"] - full[r["seed"]] for r in runs if r["seed"] in full] if name != "full" else []
+        delta = [float(r["final"]) - float(full[r["seed"]]["final"]) for r in runs if r["seed"] in full] \
+            if name != "full" else []
         what = rows[name][2]
-        if what and delta and statistics.fmean(delta) < 0:
-            note.append(f"worse at this scale: {what} hurts (off is {-statistics.fmean(delta):.4f} bpb better)")
-            hurt.append(name)
+        if name in WITHIN_RUN:  # the stage's own effect: in full's runs, or GPTQ's gap against this row's
+            before, after = WITHIN_RUN[name]
+            on = [g for r in full.values() if (g := stage_gain(r, before, after)) is not None]
+            off = [g for r in runs if (g := stage_gain(r, before, after)) is not None] if name == "no-gptq" else [0.0]
+            if on and off:
+                effect = statistics.fmean(on) - statistics.fmean(off)
+                note.append(f"{what} within the runs: {effect:+.4f} bpb ({after} − {before})")
+                if effect > 0:
+                    note.append(f"worse at this scale: {what} hurts")
+                    hurt.append(name)
+        elif what and delta and statistics.fmean(delta) < 0:
+            within = noise is not None and -statistics.fmean(delta) <= noise
+            note.append(f"worse at this scale: {what} hurts (off is {-statistics.fmean(delta):.4f} bpb better"
+                        + (", within the noise)" if within else ")"))
+            hurt.append(name + (" (within noise)" if within else ""))
         stage_names = sorted({r["final_stage"] for r in runs})
         cells = [name, cell(num("steps"), 0), cell(num("tok_s"), 0), *(cell(num(s), 4) for s in STAGES),
                  cell(num("final"), 4) + (f" ({'/'.join(stage_names)})" if stage_names else ""),
                  cell(delta, 4, sign=True), cell(num("bytes_model"), 0), cell(num("train_s"), 1),
                  cell(num("quant_s"), 1), cell(num("eval_s"), 1), cell(num("wall_s"), 1), "; ".join(note)]
         lines.append("| " + " | ".join(cells) + " |")
-    base = [r["final"] - full[r["seed"]] for r in ok.get("baseline", []) if r["seed"] in full]
+    base = [float(r["final"]) - float(full[r["seed"]]["final"]) for r in ok.get("baseline", []) if r["seed"] in full]
     if not base:
         verdict = "full vs baseline: not compared (both rows must finish on the same seeds)."
     else:
         gap = statistics.fmean(base)
         verdict = (f"full {'beat' if gap > 0 else 'did NOT beat'} baseline on final bpb by {gap:+.4f} "
                    f"(baseline minus full, mean over {len(base)} seed(s)).")
-    verdict += f" Turning off made it better at this scale: {', '.join(hurt) or 'no ablation'}."
+    if noise is not None:
+        twins = [n for n in ("full", *WITHIN_RUN) if n in order]
+        verdict += (f"\n\nRun-to-run noise: the runs trained exactly as full ({', '.join(twins)}; every seed) differ "
+                    f"in live bpb by up to {noise:.4f} (wall-clock steps vary); a Δ final smaller than that is within "
+                    "the noise." + (f" {', '.join(twins[1:])} are judged within the runs instead." if twins[1:] else ""))
+    verdict += f"\n\nTurning off made it better at this scale: {', '.join(hurt) or 'no ablation'}."
     return "\n".join(lines), verdict
 
 
@@ -246,15 +272,33 @@ def write_results(out: Path, records: list[dict], rows: dict, order: list[str], 
         writer = csv.DictWriter(f, fieldnames=keys, restval="")
         writer.writeheader()
         writer.writerows(records)
+    (out / "pipeline_header.md").write_text(header)
     body, verdict = table(records, rows, order)
     (out / "pipeline.md").write_text(f"{header}\n\n{body}\n\n{verdict}\n")
 
 
+def render(out: Path, rows: dict) -> None:
+    """BENCH_RENDER=1: pipeline.md again from BENCH_OUT's pipeline.csv and header, without running."""
+    try:
+        with open(out / "pipeline.csv", newline="") as f:
+            records = list(csv.DictReader(f))
+        header = (out / "pipeline_header.md").read_text()
+    except OSError as e:
+        sys.exit(f"error: BENCH_RENDER=1 needs a finished bench in BENCH_OUT={out} ({e.strerror}: {e.filename})")
+    order = list(dict.fromkeys(r["row"] for r in records))
+    body, verdict = table(records, rows, [name for name in order if name in rows])
+    (out / "pipeline.md").write_text(f"{header}\n\n{body}\n\n{verdict}\n")
+    print(f"{body}\n\n{verdict}\nwritten: {out / 'pipeline.md'}")
+
+
 def main() -> None:
-    tg = load_module("train_gpt", ROOT / "train_gpt.py")
-    make_shards = load_module("make_shards", ROOT / "data" / "make_shards.py")
-    logs_mod = load_module("logs", ROOT / "records" / "tools" / "logs.py")
+    tg = load_module("train_gpt", "train_gpt.py")
+    make_shards = load_module("make_shards", "data/make_shards.py")
+    logs_mod = load_module("logs", "records/tools/logs.py")
     rows = all_rows(tg)
+    out = Path(os.environ.get("BENCH_OUT", ROOT / "bench" / "results")).resolve()
+    if os.environ.get("BENCH_RENDER", "0") == "1":
+        return render(out, rows)
     order = [r.strip() for r in os.environ.get("BENCH_ROWS", ",".join(rows)).split(",") if r.strip()]
     unknown = [r for r in order if r not in rows] or ([] if order else ["(none given)"])
     if unknown:
@@ -263,7 +307,6 @@ def main() -> None:
     seconds = env_number("BENCH_SECONDS", "60", float, 1)
     seeds = env_number("BENCH_SEEDS", "1", int, 1)
     val_tokens = env_number("BENCH_VAL_TOKENS", "65536", int, 4096)
-    out = Path(os.environ.get("BENCH_OUT", ROOT / "bench" / "results")).resolve()
     (out / "logs").mkdir(parents=True, exist_ok=True)
     ours = {f.name.upper() for f in dataclasses.fields(tg.Settings)}
     ignored = sorted(k for k in os.environ if k in ours)

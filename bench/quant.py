@@ -12,23 +12,11 @@ Not a test: numbers depend on the machine; the README quotes a run and its comma
 from __future__ import annotations
 
 import copy
-import importlib.util
 import os
-import sys
 import time
-from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("train_gpt", ROOT / "train_gpt.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["train_gpt"] = module
-    spec.loader.exec_module(module)
-    return module
+from common import load_module
 
 
 def variant(h, **changes):
@@ -56,7 +44,7 @@ def score(tg, h, rt, val, state) -> float:
 
 
 def main() -> None:
-    tg = load_script()
+    tg = load_module("train_gpt", "train_gpt.py")
     os.environ.setdefault("PRESET", "smoke")
     os.environ.setdefault("RUN_ID", "bench_quant")
     os.environ.setdefault("LOG_DIR", "/tmp/bench_quant")
