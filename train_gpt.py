@@ -2141,6 +2141,9 @@ def decode_stream(entry: dict, data: bytes, bits: int) -> np.ndarray:
 def deserialize_artifact(blob: bytes) -> dict[str, torch.Tensor]:
     """The model's state dict, dequantized; any damage raises ArtifactError."""
     if not blob.startswith(ARTIFACT_MAGIC):
+        if blob.startswith(ARTIFACT_MAGIC[:-1]):
+            raise ArtifactError(f"artifact format {blob[len(ARTIFACT_MAGIC) - 1]} is not this script's "
+                                f"({ARTIFACT_MAGIC[-1]}); export it again with this train_gpt.py")
         raise ArtifactError("not a train_gpt.py artifact (bad magic)")
     digest, body = blob[len(ARTIFACT_MAGIC):len(ARTIFACT_MAGIC) + 8], blob[len(ARTIFACT_MAGIC) + 8:]
     if len(body) < 4 or hashlib.blake2b(body, digest_size=8).digest() != digest:

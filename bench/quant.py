@@ -46,8 +46,6 @@ def score(tg, h, rt, val, state) -> float:
 def main() -> None:
     tg = load_module("train_gpt", "train_gpt.py")
     os.environ.setdefault("PRESET", "smoke")
-    os.environ.setdefault("RUN_ID", "bench_quant")
-    os.environ.setdefault("LOG_DIR", "/tmp/bench_quant")
     h = tg.Settings()
     rt = tg.init_runtime(h)
     torch.manual_seed(h.seed)

@@ -171,6 +171,7 @@ def test_small_and_integer_tensors_pass_through(tiny):
     (lambda b: b[:-1], "corrupt or truncated"),
     (lambda b: b[:10], "corrupt or truncated"),
     (lambda b: b"XXXXXX" + b[6:], "bad magic"),
+    (lambda b: b"PGOLF\x01" + b[6:], "artifact format 1 is not this script's"),
     (lambda b: b[:200] + bytes([b[200] ^ 0x40]) + b[201:], "corrupt"),
     (lambda b: b[:-5] + bytes([b[-5] ^ 0x01]) + b[-4:], "corrupt"),
 ])
