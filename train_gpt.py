@@ -18,6 +18,7 @@ import ast
 import base64
 import concurrent.futures
 import dataclasses
+import datetime
 import difflib
 import hashlib
 import json
@@ -446,7 +447,9 @@ def init_runtime(h: Settings) -> Runtime:
     else:
         device = torch.device("cpu")
     if world > 1:
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+        # Generous timeout: the other ranks wait at a barrier while rank 0 calibrates, quantizes and compresses.
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None,
+                                timeout=datetime.timedelta(minutes=30))
     return Runtime(rank, world, local_rank, device)
 
 
@@ -1824,7 +1827,9 @@ def collect_hessians(rt: Runtime, model: GPT, batches, names) -> tuple[dict[str,
 
     def add(name: str, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.size(-1)).float()
-        sums[name] = sums[name] + x.T @ x if name in sums else x.T @ x
+        with torch.autocast(x.device.type, enabled=False):  # the hooks run under bf16 autocast on CUDA
+            xtx = x.T @ x
+        sums[name] = sums[name] + xtx if name in sums else xtx
 
     hooks = [m.register_forward_hook(lambda mod, inp, out, key=f"{n}.weight": add(key, inp[0]))
              for n, m in model.named_modules() if isinstance(m, nn.Linear) and f"{n}.weight" in names]
@@ -1851,20 +1856,30 @@ def calibrate_on_train(h: Settings, rt: Runtime, trainer: Trainer, train_ms: flo
     names = export_bits(h, trainer.model.state_dict())
 
     def batches():
-        seen = 0  # at least one batch, so that every rank holds every Hessian for the all-reduce
-        while seen == 0 or (seen < h.calib_seqs and time.perf_counter() < deadline):
+        seen = 0
+        while seen < h.calib_seqs and time.perf_counter() < deadline:
             x, _ = trainer.loader.next_batch()
             seen += x.size(0) * rt.world_size
             yield x
 
     sums, tokens = collect_hessians(rt, trainer.model, batches(), names)
+    # Every rank holds every key (zeros where it read nothing in time) for the all-reduces.
+    dims = {f"{n}.weight": m.in_features for n, m in trainer.model.named_modules()
+            if isinstance(m, nn.Linear) and f"{n}.weight" in names}
+    dims.update({"tok_emb.weight": h.model_dim} if "tok_emb.weight" in names else {})
+    for key, dim in dims.items():
+        sums.setdefault(key, torch.zeros(dim, dim, device=rt.device))
     if rt.distributed:
         for key in sorted(sums):
             dist.all_reduce(sums[key])
-        total = torch.tensor(float(tokens), device=rt.device)
+        total = torch.tensor(tokens, device=rt.device, dtype=torch.float64)
         dist.all_reduce(total)
         tokens = int(total.item())
     seconds = time.perf_counter() - t0
+    if not tokens:
+        log(f"warning: no training batch fit in GPTQ_RESERVE_SECONDS={h.gptq_reserve_seconds}; quantizing "
+            "without Hessians (round to nearest): raise the reserve or use CALIB_SOURCE=selfgen")
+        return {}
     log(f"gptq:calibration source:train tokens:{tokens} hessians:{len(sums)} seconds:{seconds:.1f} "
         f"train_plus_calibration:{train_ms / 1000 + seconds:.1f}s budget:{h.max_wallclock_seconds:.0f}s")
     return {k: v / max(tokens, 1) for k, v in sums.items()}
@@ -1908,10 +1923,15 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor | None, bits: int, clips: tor
         dead = Hd.diagonal() == 0  # inputs never seen: any value works, zero compresses best
         Hd[dead, dead] = 1.0
         Wc[:, dead] = 0.0
-        Hd.diagonal().add_(damp * Hd.diagonal().mean())
         perm = torch.argsort(Hd.diagonal(), descending=True)
-        Hd = Hd[perm][:, perm]
-        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hd)), upper=True)
+        Hd, mean = Hd[perm][:, perm], Hd.diagonal().mean()
+        for d in (damp, max(10 * damp, 0.01), 1.0):  # more damping when H is numerically not definite
+            L, bad = torch.linalg.cholesky_ex(Hd + d * mean * torch.eye(cols, device=Hd.device))
+            Hinv, bad2 = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if not (bad or bad2):
+                break
+        else:
+            raise ArtifactError("GPTQ: the Hessian stays singular even with damping 1.0; use QUANT_METHOD=rtn")
         Wc, Q = Wc[:, perm], torch.zeros_like(Wc)
         for i1 in range(0, cols, block):
             i2 = min(i1 + block, cols)
@@ -1969,6 +1989,18 @@ def quantize_model(h: Settings, state: dict[str, torch.Tensor], hessians: dict[s
     bits = export_bits(h, state)
     rules = {"mlp": h.quant_clip_mlp, "attn": h.quant_clip_attn, "embed": h.quant_clip_embed}
     q = Quantized({}, {}, bits, {}, {}, {}, {})
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # GPTQ's error updates and the clip choice need real fp32
+    try:
+        quantize_tensors(h, state, hessians, rules, q)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    return q
+
+
+def quantize_tensors(h: Settings, state: dict[str, torch.Tensor], hessians: dict[str, torch.Tensor],
+                     rules: dict[str, str], q: Quantized) -> None:
+    bits = q.bits
     for name, t in state.items():
         q.dtypes[name] = str(t.dtype).removeprefix("torch.")
         if name not in bits:
@@ -1976,7 +2008,7 @@ def quantize_model(h: Settings, state: dict[str, torch.Tensor], hessians: dict[s
             continue
         w = t.detach().float()
         H = hessians.get(name) if h.quant_method == "gptq" else None
-        H = H.to(w.device) if H is not None else None
+        H = H.to(w.device, torch.float32) if H is not None else None
         codes, scale, err = gptq_quantize(w, H, bits[name], clip_candidates(h, w, rules[tensor_group(name)]),
                                           h.gptq_block_size, h.gptq_damp)
         delta = w - codes.float() * scale.float()[:, None]
@@ -1986,7 +2018,6 @@ def quantize_model(h: Settings, state: dict[str, torch.Tensor], hessians: dict[s
         q.stats[name] = dict(params=w.numel(), mse=float(delta.square().sum()), norm=float(w.square().sum()),
                              herr=float(err.sum()), hnorm=float(((w @ H) * w).sum()) if H is not None else
                              float(w.square().sum()))
-    return q
 
 
 # Codes are stored as int8 bytes or bit-packed; fp16 streams as is or byte-shuffled (all low bytes,
@@ -2168,8 +2199,8 @@ def deserialize_artifact(blob: bytes) -> dict[str, torch.Tensor]:
                 data = bytearray(raw[t["offset"]:t["offset"] + t["nbytes"]])
                 stored = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
                 state[name] = stored.view(getattr(torch, t["stored"])).reshape(t["shape"]).to(dtype)
-    except (KeyError, ValueError, RuntimeError, TypeError, struct.error, lzma.LZMAError, zstandard.ZstdError,
-            brotli.error) as e:
+    except (KeyError, ValueError, RuntimeError, TypeError, AttributeError, struct.error, lzma.LZMAError,
+            zstandard.ZstdError, brotli.error) as e:
         raise ArtifactError(f"artifact is corrupt or truncated ({type(e).__name__}: {e})") from None
     return state
 
@@ -2196,9 +2227,11 @@ def prune_order(q: Quantized) -> PruneOrder:
 def pruned(q: Quantized, order: PruneOrder, n: int) -> tuple[Quantized, dict[str, int]]:
     """q with the n cheapest +-1 codes set to zero, and how many each tensor lost."""
     codes, counts = dict(q.codes), {}
-    owner, flat = order.owner[:n], order.flat[:n]
+    by_owner = np.argsort(order.owner[:n], kind="stable")
+    owner, flat = order.owner[:n][by_owner], order.flat[:n][by_owner]
+    bounds = np.searchsorted(owner, np.arange(len(q.codes) + 1))
     for i, name in enumerate(q.codes):
-        pos = flat[owner == i]
+        pos = flat[bounds[i]:bounds[i + 1]]
         if len(pos):
             c = codes[name].clone()
             c.view(-1)[torch.from_numpy(pos)] = 0
@@ -2207,8 +2240,8 @@ def pruned(q: Quantized, order: PruneOrder, n: int) -> tuple[Quantized, dict[str
 
 
 def export_artifact(h: Settings, q: Quantized, code_bytes: int) -> tuple[bytes, list[dict], dict[str, int], dict]:
-    """Compress q; prune PRUNE_FRACTION of the weights, then as few more +-1 codes as make model + code
-    fit TARGET_BYTES (found by bisection on the real compressed size, each stream keeping the codec the
+    """Compress q; prune PRUNE_FRACTION of the weights, then, if over TARGET_BYTES, the cheapest +-1 codes
+    by a bisection on the real compressed size (n codes fit, n-1 do not; each stream keeps the codec the
     unpruned model chose). Returns (blob, streams, pruned per tensor, seconds per phase)."""
     t0 = time.perf_counter()
     order = prune_order(q)
@@ -2355,7 +2388,7 @@ def write_artifact(h: Settings, rt: Runtime, model: GPT, hessians: dict[str, tor
         log_export(h, q, streams, counts)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(blob)
-        code_path = path.with_suffix(".py")
+        code_path = path.with_suffix(".packed.py")  # never the name of a source file next to it
         code_path.write_text(code, encoding="utf-8")
         total = len(blob) + code_bytes
         tag = f"{h.quant_method}+{h.compressor}"

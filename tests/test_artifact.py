@@ -69,6 +69,30 @@ def test_gptq_beats_round_to_nearest_on_trained_layers(trained):
     assert better >= len(sums) // 2
 
 
+def test_hessians_stay_fp32_under_bf16_autocast(trained):
+    """On CUDA the calibration forward runs in bf16 autocast; the Hessians and GPTQ must not."""
+    h, model = trained
+
+    class Bf16(tg.Runtime):
+        def autocast(self):
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+
+    sums, count = tg.collect_hessians(Bf16(), model, [torch.randint(0, 1024, (2, 32))],
+                                      tg.export_bits(h, model.state_dict()))
+    assert {v.dtype for v in sums.values()} == {torch.float32}
+    q = tg.quantize_model(h, model.state_dict(), {k: v / count for k, v in sums.items()})
+    assert all(torch.isfinite(torch.tensor(s["herr"])) for s in q.stats.values())
+
+
+def test_gptq_damps_more_when_the_hessian_is_singular():
+    torch.manual_seed(3)
+    w = torch.randn(16, 32)
+    x = torch.randn(4, 32)  # rank 4 of 32
+    H = x.T @ x
+    codes, scale, _ = tg.gptq_quantize(w, H, 4, w.abs().amax(1)[None], damp=0.0)
+    assert codes.abs().max() <= 7 and torch.isfinite(scale.float()).all()
+
+
 def test_clip_search_keeps_the_best_candidate_per_row(tiny):
     h = tiny()
     torch.manual_seed(2)

@@ -95,6 +95,19 @@ def test_eval_artifact_reproduces_the_score_and_ttt_ranks_stay_in_step(small_dat
     assert proc.returncode == 2 and proc.stderr.startswith("error: artifact is corrupt or truncated")
 
 
+def test_calibration_on_training_batches_one_and_two_ranks(small_data, tmp_path):
+    """CALIB_SOURCE=train: every rank reads its own batches, and the Hessians are summed across ranks."""
+    env = tiny_run_env(small_data, CALIB_SOURCE="train", CALIB_SEQS="8", QUANT_MIN_NUMEL="0", EVAL_STRIDE="0",
+                       TTT_EPOCHS="0")
+    one = run([sys.executable, "train_gpt.py"], {**env, "RUN_ID": "c1", "GRAD_ACCUM_STEPS": "2"}, tmp_path)
+    two = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_gpt.py"],
+              {**env, "RUN_ID": "c2", "GRAD_ACCUM_STEPS": "1"}, tmp_path)
+    for out in (one, two):
+        line = re.search(r"^gptq:calibration source:train tokens:(\d+) hessians:(\d+)", out, re.M)
+        assert line and int(line.group(1)) >= 8 * 32 and int(line.group(2)) > 10
+        assert FINAL.search(out) and "selfgen" not in out
+
+
 def test_non_finite_loss_stops_with_the_step(small_data, tmp_path):
     env = tiny_run_env(small_data, TIED_EMBED_LR="1e30", MATRIX_LR="1e30", ITERATIONS="20", VAL_LOSS_EVERY="0")
     full_env = {"PATH": os.environ["PATH"], "LOG_DIR": str(tmp_path), **env}

@@ -35,7 +35,7 @@ def three_logs(tmp_path_factory):
 
 def test_submission_json_from_logs(three_logs, tmp_path):
     paths, outputs, tmp = three_logs
-    packed = tmp / "logs" / "s1.py"  # the packed script whose bytes the runs counted (CODE_PACK=1)
+    packed = tmp / "logs" / "s1.packed.py"  # the packed script whose bytes the runs counted (CODE_PACK=1)
     assert packed.read_text() == tg.pack_source((ROOT / "train_gpt.py").read_text())
     with pytest.raises(SystemExit, match="it is not the script that made them"):
         submission.main([*map(str, paths), "--name", "tiny", "--author", "A", "--github-id", "a",
