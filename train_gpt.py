@@ -1984,23 +1984,23 @@ class Quantized:
     stats: dict[str, dict]
 
 
+@contextlib.contextmanager
+def exact_fp32():
+    """TF32 off on CUDA: GPTQ's error updates and the clip choice need real fp32 matmuls."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@exact_fp32()
 def quantize_model(h: Settings, state: dict[str, torch.Tensor], hessians: dict[str, torch.Tensor]) -> Quantized:
     """Every tensor of export_bits through gptq_quantize (round-to-nearest without a Hessian)."""
     bits = export_bits(h, state)
     rules = {"mlp": h.quant_clip_mlp, "attn": h.quant_clip_attn, "embed": h.quant_clip_embed}
     q = Quantized({}, {}, bits, {}, {}, {}, {})
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False  # GPTQ's error updates and the clip choice need real fp32
-    try:
-        quantize_tensors(h, state, hessians, rules, q)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-    return q
-
-
-def quantize_tensors(h: Settings, state: dict[str, torch.Tensor], hessians: dict[str, torch.Tensor],
-                     rules: dict[str, str], q: Quantized) -> None:
-    bits = q.bits
     for name, t in state.items():
         q.dtypes[name] = str(t.dtype).removeprefix("torch.")
         if name not in bits:
@@ -2018,6 +2018,7 @@ def quantize_tensors(h: Settings, state: dict[str, torch.Tensor], hessians: dict
         q.stats[name] = dict(params=w.numel(), mse=float(delta.square().sum()), norm=float(w.square().sum()),
                              herr=float(err.sum()), hnorm=float(((w @ H) * w).sum()) if H is not None else
                              float(w.square().sum()))
+    return q
 
 
 # Codes are stored as int8 bytes or bit-packed; fp16 streams as is or byte-shuffled (all low bytes,
