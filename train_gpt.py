@@ -1822,17 +1822,20 @@ def generate_calibration(h: Settings, rt: Runtime, model: GPT) -> torch.Tensor:
 def collect_hessians(rt: Runtime, model: GPT, batches, names) -> tuple[dict[str, torch.Tensor], int]:
     """Sums of X^T X over the inputs X of every quantized Linear, by forward hooks on the model's own
     modules, and over the final hidden states for the tied embedding (it is also the output head).
-    Returns (sums, tokens)."""
-    sums: dict[str, torch.Tensor] = {}
+    Returns (sums, tokens); every sum exists, zero if no batch came, so ranks can all-reduce them alike."""
+    linears = {f"{n}.weight": m for n, m in model.named_modules()
+               if isinstance(m, nn.Linear) and f"{n}.weight" in names}
+    dims = {key: m.in_features for key, m in linears.items()}
+    dims.update({"tok_emb.weight": model.tok_emb.weight.size(1)} if "tok_emb.weight" in names else {})
+    device = model.tok_emb.weight.device
+    sums = {key: torch.zeros(d, d, device=device) for key, d in dims.items()}
 
     def add(name: str, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.size(-1)).float()
         with torch.autocast(x.device.type, enabled=False):  # the hooks run under bf16 autocast on CUDA
-            xtx = x.T @ x
-        sums[name] = sums[name] + xtx if name in sums else xtx
+            sums[name] += x.T @ x
 
-    hooks = [m.register_forward_hook(lambda mod, inp, out, key=f"{n}.weight": add(key, inp[0]))
-             for n, m in model.named_modules() if isinstance(m, nn.Linear) and f"{n}.weight" in names]
+    hooks = [m.register_forward_hook(lambda mod, inp, out, key=key: add(key, inp[0])) for key, m in linears.items()]
     tokens = 0
     model.eval()
     try:
@@ -1863,12 +1866,6 @@ def calibrate_on_train(h: Settings, rt: Runtime, trainer: Trainer, train_ms: flo
             yield x
 
     sums, tokens = collect_hessians(rt, trainer.model, batches(), names)
-    # Every rank holds every key (zeros where it read nothing in time) for the all-reduces.
-    dims = {f"{n}.weight": m.in_features for n, m in trainer.model.named_modules()
-            if isinstance(m, nn.Linear) and f"{n}.weight" in names}
-    dims.update({"tok_emb.weight": h.model_dim} if "tok_emb.weight" in names else {})
-    for key, dim in dims.items():
-        sums.setdefault(key, torch.zeros(dim, dim, device=rt.device))
     if rt.distributed:
         for key in sorted(sums):
             dist.all_reduce(sums[key])
@@ -1882,7 +1879,7 @@ def calibrate_on_train(h: Settings, rt: Runtime, trainer: Trainer, train_ms: flo
         return {}
     log(f"gptq:calibration source:train tokens:{tokens} hessians:{len(sums)} seconds:{seconds:.1f} "
         f"train_plus_calibration:{train_ms / 1000 + seconds:.1f}s budget:{h.max_wallclock_seconds:.0f}s")
-    return {k: v / max(tokens, 1) for k, v in sums.items()}
+    return {k: v / tokens for k, v in sums.items()}
 
 
 def clip_candidates(h: Settings, w: torch.Tensor, rule: str) -> torch.Tensor:
@@ -1999,7 +1996,6 @@ def exact_fp32():
 def quantize_model(h: Settings, state: dict[str, torch.Tensor], hessians: dict[str, torch.Tensor]) -> Quantized:
     """Every tensor of export_bits through gptq_quantize (round-to-nearest without a Hessian)."""
     bits = export_bits(h, state)
-    rules = {"mlp": h.quant_clip_mlp, "attn": h.quant_clip_attn, "embed": h.quant_clip_embed}
     q = Quantized({}, {}, bits, {}, {}, {}, {})
     for name, t in state.items():
         q.dtypes[name] = str(t.dtype).removeprefix("torch.")
@@ -2009,8 +2005,9 @@ def quantize_model(h: Settings, state: dict[str, torch.Tensor], hessians: dict[s
         w = t.detach().float()
         H = hessians.get(name) if h.quant_method == "gptq" else None
         H = H.to(w.device, torch.float32) if H is not None else None
-        codes, scale, err = gptq_quantize(w, H, bits[name], clip_candidates(h, w, rules[tensor_group(name)]),
-                                          h.gptq_block_size, h.gptq_damp)
+        rule = getattr(h, f"quant_clip_{tensor_group(name)}")  # QUANT_CLIP_MLP / _ATTN / _EMBED
+        codes, scale, err = gptq_quantize(w, H, bits[name], clip_candidates(h, w, rule), h.gptq_block_size,
+                                          h.gptq_damp)
         delta = w - codes.float() * scale.float()[:, None]
         q.codes[name], q.scales[name] = codes.cpu(), scale.cpu()
         diag = H.diagonal().float() if H is not None else torch.ones(w.size(1), device=w.device)
@@ -2024,7 +2021,8 @@ def quantize_model(h: Settings, state: dict[str, torch.Tensor], hessians: dict[s
 # Codes are stored as int8 bytes or bit-packed; fp16 streams as is or byte-shuffled (all low bytes,
 # then all high bytes); rANS codes symbols with the stream's own frequencies (stored in the header).
 BYTE_CODECS = {
-    "zstd": (lambda b: zstandard.ZstdCompressor(level=22).compress(b), lambda b: zstandard.ZstdDecompressor().decompress(b)),
+    "zstd": (lambda b: zstandard.ZstdCompressor(level=22).compress(b),
+             lambda b: zstandard.ZstdDecompressor().decompress(b)),
     "lzma": (lambda b: lzma.compress(b, format=lzma.FORMAT_RAW, filters=LZMA_FILTERS),
              lambda b: lzma.decompress(b, format=lzma.FORMAT_RAW, filters=LZMA_FILTERS)),
     "brotli": (lambda b: brotli.compress(b, quality=11, lgwin=24), brotli.decompress),
@@ -2288,7 +2286,6 @@ def export_artifact(h: Settings, q: Quantized, code_bytes: int) -> tuple[bytes, 
 
 def log_export(h: Settings, q: Quantized, streams: list[dict], counts: dict[str, int]) -> None:
     """One line per tensor group: bits, clip, quantization error, pruned codes, bytes by codec."""
-    rules = {"mlp": h.quant_clip_mlp, "attn": h.quant_clip_attn, "embed": h.quant_clip_embed}
     groups: dict[str, dict] = {}
     for s in streams:
         group = tensor_group(s["name"]) if s["name"] else "raw"
@@ -2311,7 +2308,8 @@ def log_export(h: Settings, q: Quantized, streams: list[dict], counts: dict[str,
             log(f"quant_group:raw tensors:{len(q.raw)} stored:fp16 bytes:{g['bytes']} {sizes} chosen:{chosen}")
             continue
         log(f"quant_group:{group} tensors:{len(g['tensors'])} params:{g['params']} "
-            f"bits:{','.join(map(str, sorted(g['bits'])))} method:{h.quant_method} clip:{rules[group]} "
+            f"bits:{','.join(map(str, sorted(g['bits'])))} method:{h.quant_method} "
+            f"clip:{getattr(h, f'quant_clip_{group}')} "
             f"rel_mse:{g['mse'] / max(g['norm'], 1e-30):.4e} rel_hessian_err:{g['herr'] / max(g['hnorm'], 1e-30):.4e} "
             f"pruned:{g['pruned']} bytes:{g['bytes']} {sizes} chosen:{chosen}")
 
