@@ -659,6 +659,10 @@ class ValData:
         # The leading "▁" is one byte unless the previous token is a boundary (BOS starts a document).
         return self.base_bytes[y].long() + (self.has_space[y] & ~self.is_boundary[x]).long()
 
+    def bytes_at(self, targets: torch.Tensor) -> torch.Tensor:
+        """Bytes of the text that targets (indices t: token t+1 after token t) account for."""
+        return self.target_bytes(self.tokens[targets], self.tokens[targets + 1])
+
 
 def load_tokenizer(h: Settings) -> spm.SentencePieceProcessor:
     if not Path(h.tokenizer_path).is_file():
@@ -1466,7 +1470,7 @@ def score_windows(h: Settings, rt: Runtime, model: nn.Module, val: ValData, wind
             nll = F.cross_entropy(logits.flatten(0, 1), yd.flatten(), reduction="none").view_as(yd)
         scored = torch.arange(L)[None] >= first[:, None]
         sd = scored.to(rt.device)
-        out.add(idx[scored], nll[sd], val.target_bytes(x, y)[scored])
+        out.add(idx[scored], nll[sd], val.bytes_at(idx[scored]))
         if on_scored is not None:
             on_scored(idx[scored], F.log_softmax(logits[sd].float(), dim=-1))
         i = j
@@ -2536,7 +2540,7 @@ def train_and_eval(h: Settings, rt: Runtime) -> None:
     sp = load_tokenizer(h)
     val = load_val_data(h, sp)
     n_targets = val.tokens.numel() - 1
-    val_bytes = int(val.target_bytes(val.tokens[:-1], val.tokens[1:]).sum())
+    val_bytes = int(val.bytes_at(torch.arange(n_targets)).sum())
     log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={h.tokenizer_path}")
     log(f"train_loader:dataset:{Path(h.data_path).name} train_shards:{len(shard_paths(h.data_path, 'train'))}")
     log(f"val_tokens:{n_targets} val_bytes:{val_bytes}")
