@@ -20,6 +20,7 @@ import concurrent.futures
 import dataclasses
 import datetime
 import difflib
+import functools
 import hashlib
 import json
 import lzma
@@ -89,6 +90,7 @@ class Settings:
     eval_batch_tokens: int = 524288  # per rank and forward pass
     eval_stride: int = 32  # sliding-window stride for the final score; 0 or >= EVAL_SEQ_LEN: no sliding pass
     eval_max_seconds: float = 600.0  # warn before the final evaluation when its projection exceeds this
+    eval_passes: str = ""  # extra passes before the final one (plain, sliding); the final: ttt, else sliding, else plain
     eval_artifact: str = ""  # evaluate this artifact instead of training
     eval_dump: str = ""  # write per-token NLL and bytes of the last final pass (.npz)
     # legal score-first TTT (defaults: PR #585), fused with the sliding pass
@@ -109,6 +111,7 @@ class Settings:
     slot_lr: float = 0.01
     slot_lr_end: float = 0.001
     slot_warmstart: float = 0.85
+    slot_context: int = 64  # fit on the last N already-scored positions before the scored ones; 0 = all of them
     # model (defaults: PR #585's architecture; each technique off gives the plain baseline)
     num_layers: int = 11
     model_dim: int = 512
@@ -135,6 +138,7 @@ class Settings:
     attn_gate: bool = False  # gated attention (PR #1683)
     value_residual: bool = False  # layer 0's V mixed into later layers (PR #1683)
     doc_mask: bool = False  # no attention across a BOS, in training only (PR #1683)
+    doc_mask_max_docs: int = 512  # BOS boundaries masked per micro-batch (FA3 varlen memory grows with the count)
     attn_backend: str = "auto"  # auto (FA3 on Hopper when importable, else SDPA) | sdpa | fa3
     # optimizers (defaults: the seeds' Muon + AdamW)
     tied_embed_lr: float = 0.035
@@ -207,12 +211,12 @@ class Settings:
         positive = ("vocab_size", "iterations", "train_batch_tokens", "train_seq_len", "eval_seq_len",
                     "ttt_chunk_tokens", "ttt_seq_len", "ttt_batch_seqs",
                     "eval_batch_tokens", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult",
-                    "rope_base", "muon_backend_steps", "size_limit", "train_log_every", "gptq_block_size",
+                    "rope_base", "muon_backend_steps", "doc_mask_max_docs", "size_limit", "train_log_every", "gptq_block_size",
                     "calib_seqs", "calib_len", "calib_temp", "clip_std_k")
         non_negative = ("max_wallclock_seconds", "gptq_reserve_seconds", "checkpoint_every_seconds",
                         "eval_stride", "eval_max_seconds", "ttt_epochs", "ttt_lr", "ttt_wd", "ttt_grad_clip",
                         "slot_steps", "slot_lr", "slot_lr_end", "ttt_momentum", "lr_warmup_steps", "swa_every",
-                        "warmup_steps", "warmdown_iters", "grad_accum_steps", "rope_dims",
+                        "warmup_steps", "warmdown_iters", "grad_accum_steps", "rope_dims", "slot_context",
                         "bigram_buckets", "bigram_dim", "xsa_last_n", "ve_dim",
                         "val_loss_every", "logit_softcap", "tied_embed_init_std", "tied_embed_lr", "matrix_lr",
                         "scalar_lr", "muon_momentum_warmup_steps", "muon_wd", "adam_wd", "adam_eps",
@@ -266,6 +270,10 @@ class Settings:
         for name in ("resume", "eval_artifact"):  # fail before any data is read or anything compiles
             if getattr(self, name) and not Path(getattr(self, name)).is_file():
                 raise SettingsError(f"{name.upper()}={getattr(self, name)} does not exist")
+        for name in filter(None, (p.strip() for p in self.eval_passes.split(","))):
+            if name not in ("plain", "sliding") or (name == "sliding" and not 0 < self.eval_stride < self.eval_seq_len):
+                raise SettingsError(f"EVAL_PASSES={self.eval_passes!r}: passes are plain and sliding (which needs "
+                                    "0 < EVAL_STRIDE < EVAL_SEQ_LEN); the final pass always runs")
         for name in ("clip_percentiles", "clip_sigmas"):
             parse_floats(name, getattr(self, name))
         if not all(0 < p <= 1 for p in parse_floats("clip_percentiles", self.clip_percentiles)):
@@ -302,11 +310,12 @@ PRESETS: dict[str, dict] = {
     # 1.1280: 13L GQA 8/4, gated attention, value residual, BigramHash 2048, VE 96, doc-masked training.
     # EMA 0.997 + SWA every 200, late QAT int4 MLP / int5 attention.
     # Export: GPTQ with the Hessian-weighted auto-clip over sigma candidates, ANS/brotli hybrid per tensor.
-    # Eval: 32,000-token windows, stride 256, qTTT (query projections, lr 0.002, 3 epochs).
+    # Eval: qTTT (query projections, lr 0.002, 3 epochs) fused with 2,048-token windows at stride 256: the
+    # record's code slides windows of TRAIN_SEQ_LEN (its write-up's "eval_length 32000" is not what ran;
+    # 32,000-token windows would project to ~2,000 s of 8xH100).
     "pr1683": dict(num_layers=13, num_kv_heads=4, mlp_mult=3.0, bigram_buckets=2048, ve_dim=96, smear=False,
                    xsa_last_n=0, attn_gate=True, value_residual=True, doc_mask=True, swa_every=200,
-                   qat_threshold=0.15, quant_bits_mlp=4, quant_bits_attn=5, eval_seq_len=32000,
-                   eval_stride=256, ttt_params="q", ttt_lr=0.002, ttt_chunk_tokens=32768,
+                   qat_threshold=0.15, quant_bits_mlp=4, quant_bits_attn=5, eval_stride=256, ttt_params="q", ttt_lr=0.002, ttt_chunk_tokens=32768,
                    quant_clip_mlp="auto", quant_clip_attn="auto", compressor="hybrid"),
     # 1.1476: 12L, MLP 3x, BigramHash 10240x128, XSA on the last 4, VE on the last two layers.
     # Late QAT (0.15), int5 MLP / int6 attention, EMA 0.997, SWA every 50 in the last 20%.
@@ -326,7 +335,8 @@ PRESETS: dict[str, dict] = {
     # BigramHash 3072x112.
     # Parallel Muon, late QAT, int6 MLP + attention, int8 embeddings, EMA 0.997 + SWA every 50.
     # Export: full GPTQ calibrated on 64x2048 self-generated tokens (temperature 0.8), lzma-9.
-    # Eval: stride 64 with causal SLOT (64 steps, warm start 0.85, lr 0.01 -> 0.001), no TTT.
+    # Eval: stride 64 with causal SLOT (64 steps, warm start 0.85, lr 0.01 -> 0.001), no TTT; SLOT fits on
+    # the 64 positions before the scored ones (the record fitted on the 64 scored ones, which leaks).
     "pr1319": dict(num_kv_heads=4, mlp_mult=3.0, mlp_act="leaky_relu2", bigram_buckets=3072, bigram_dim=112,
                    qat_threshold=0.15, quant_bits_mlp=6, quant_bits_attn=6, eval_stride=64, ttt_epochs=0,
                    slot_steps=64, calib_source="selfgen", calib_seqs=64, calib_len=2048, calib_temp=0.8,
@@ -757,31 +767,53 @@ def use_fa3(h: Settings, device: torch.device) -> bool:
     return available
 
 
-def doc_segments(ids: torch.Tensor) -> torch.Tensor:
-    """cu_seqlens for varlen attention over the flattened batch: a segment starts at every row start
-    and every BOS. Fixed size (B*T + 1, padded with B*T) so it compiles without dynamic shapes."""
-    B, T = ids.shape
-    starts = ids == BOS_ID
+def doc_starts(ids: torch.Tensor, max_docs: int) -> torch.Tensor:
+    """Where a segment starts: every row start, and the BOS tokens inside rows up to the first
+    max_docs of the batch (later ones are left unmasked), so the segment count is bounded."""
+    inner = ids == BOS_ID
+    inner[:, 0] = False
+    starts = inner & (torch.cumsum(inner.flatten().int(), 0).view_as(ids) <= max_docs)
     starts[:, 0] = True
+    return starts
+
+
+def doc_segments(starts: torch.Tensor, max_docs: int) -> torch.Tensor:
+    """cu_seqlens for FA3 varlen over the flattened batch, of fixed length rows + max_docs + 1 (padded
+    with empty segments at the end): FA3's backward sizes buffers by the segment count."""
+    B, T = starts.shape
     n = B * T
-    cu = torch.nonzero_static(starts.flatten(), size=n, fill_value=n).flatten()
+    cu = torch.nonzero_static(starts.flatten(), size=B + max_docs, fill_value=n).flatten()
     return torch.cat([cu, cu.new_full((1,), n)]).to(torch.int32)
 
 
-def attend(q, k, v, doc_ids: torch.Tensor | None, fa3: bool) -> torch.Tensor:
-    """Causal attention over (B, T, H, D) tensors; with doc_ids, no attention across a BOS."""
+def attention_dtype(q: torch.Tensor, fa3: bool) -> torch.dtype:
+    """The one dtype attention kernels get for q, k and v: autocast's when it is on (since torch 2.12
+    CUDA autocast runs rms_norm in fp32, so QK-normed q, k would be fp32 beside a bf16 v), else q's;
+    FA3 takes fp16/bf16 only."""
+    if torch.is_autocast_enabled(q.device.type):
+        return torch.get_autocast_dtype(q.device.type)
+    return torch.bfloat16 if fa3 and q.dtype not in (torch.float16, torch.bfloat16) else q.dtype
+
+
+def attend(q, k, v, doc_ids: torch.Tensor | None, fa3: bool, max_docs: int) -> torch.Tensor:
+    """Causal attention over (B, T, H, D) tensors; with doc_ids, no attention across its first max_docs BOS."""
     B, T, H, D = q.shape
+    starts = doc_starts(doc_ids, max_docs) if doc_ids is not None else None
+    dt = attention_dtype(q, fa3)
+    q, k, v = q.to(dt), k.to(dt), v.to(dt)
     if fa3:
-        if doc_ids is None:
-            return flash_attn_func(q, k, v, causal=True)
-        cu = doc_segments(doc_ids)
-        y = flash_attn_varlen_func(q.reshape(B * T, H, D), k.reshape(B * T, -1, D), v.reshape(B * T, -1, D),
-                                   cu, cu, T, T, causal=True)
+        if starts is None:
+            y = flash_attn_func(q, k, v, causal=True)
+        else:
+            cu = doc_segments(starts, max_docs)
+            y = flash_attn_varlen_func(q.reshape(B * T, H, D), k.reshape(B * T, -1, D), v.reshape(B * T, -1, D),
+                                       cu, cu, T, T, causal=True)
+        y = y[0] if isinstance(y, tuple) else y  # some FA3 builds also return the softmax LSE
         return y.view(B, T, H, D)
     mask = None
-    if doc_ids is not None:
-        doc = torch.cumsum(doc_ids == BOS_ID, dim=1)
-        mask = (doc[:, :, None] == doc[:, None, :]).tril()[:, None]  # causal and same document
+    if starts is not None:
+        doc = torch.cumsum(starts, dim=1)
+        mask = (doc[:, :, None] == doc[:, None, :]).tril()[:, None]  # causal and same segment
     # A lone query against cached keys (decoding) sees them all.
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
                                        is_causal=mask is None and T > 1, enable_gqa=k.size(2) != H)
@@ -866,6 +898,7 @@ class Attention(nn.Module):
         self.q_gain = nn.Parameter(torch.full((h.num_heads,), h.qk_gain_init))
         self.rotary = Rotary(h.rope_dims or self.head_dim, h.rope_base)
         self.xsa = layer >= h.num_layers - h.xsa_last_n
+        self.max_docs = h.doc_mask_max_docs
         # Gated attention (PR #1683): out *= 2σ(W x) per head; W = 0 makes it the identity at init.
         self.gate = nn.Linear(h.model_dim, h.num_heads, bias=False) if h.attn_gate else None
         if self.gate is not None:
@@ -888,7 +921,7 @@ class Attention(nn.Module):
         q = self.rotary(q, offset) * self.q_gain.to(q.dtype)[:, None]
         k = self.rotary(k, offset)
         keys, values = cache.extend(self.layer, k, v) if cache is not None else (k, v)
-        y = attend(q, keys, values, doc_ids, fa3 and cache is None)  # decoding: SDPA over the cache
+        y = attend(q, keys, values, doc_ids, fa3 and cache is None, self.max_docs)  # decoding: SDPA over the cache
         if self.xsa:
             y = exclusive_self_attention(y, v)
         if self.gate is not None:
@@ -1349,6 +1382,51 @@ def all_reduce_grads(params: list[nn.Parameter], rt: Runtime, average: bool = Tr
 
 
 # -----------------------------------------------------------------------------
+# COMPILED GRAPHS: ONE FRAME PER ROLE, FIXED SHAPES
+# -----------------------------------------------------------------------------
+# torch.compile caches graphs per Python frame, and with fullgraph=True a frame's 9th variant is an
+# error, not a fallback. Each role is a frame of its own and is only ever called with one shape, so
+# a run compiles exactly the graphs expected_graphs() lists (counted by dynamo; logged and tested).
+
+
+def _train_loss(model, x, y):
+    return model(x, y).mean()
+
+
+def _eval_nll(model, x, y):
+    return model(x, y)
+
+
+def _ttt_loss(model, x, y, w):
+    return (model(x, y) * w).sum()
+
+
+def _hidden(model, x):
+    return model.hidden(x)
+
+
+@functools.cache
+def _compiled(fn):
+    return torch.compile(fn, fullgraph=True, dynamic=False)
+
+
+def graph(h: Settings, fn):
+    return _compiled(fn) if h.compile else fn
+
+
+def expected_graphs(h: Settings, frozen: bool) -> list[str]:
+    """The graphs a run compiles: role and variant (QAT on, TTT's frozen tables in eval graphs)."""
+    qat = bool(h.qat_threshold or h.qat_start_frac)
+    return (["train", "eval"] + ["train_qat", "eval_qat"] * qat + ["eval_frozen"] * (h.ttt_epochs > 0 and frozen)
+            + ["ttt_train"] * (h.ttt_epochs > 0) + ["slot_hidden"] * (h.slot_steps > 0))
+
+
+def compiled_graph_count() -> int:
+    from torch._dynamo.utils import counters
+    return int(counters["stats"]["unique_graphs"])
+
+
+# -----------------------------------------------------------------------------
 # EVALUATION
 # -----------------------------------------------------------------------------
 
@@ -1403,34 +1481,38 @@ class EvalSums:
 
 
 class CausalSlot:
-    """Causal SLOT: a per-window hidden delta and logit bias, fitted only on the window's positions whose
-    targets are already scored, then applied to the positions being scored. Warm start: each window
-    starts from SLOT_WARMSTART x the values of the window in the same batch slot one batch earlier.
-    (PR #1319 fitted them on the very targets it scored, which leaks the answer; that form is not offered.)"""
+    """Causal SLOT: a per-window hidden delta and logit bias, fitted only on the SLOT_CONTEXT positions
+    before the window's scored ones (their targets are already scored), then applied to the positions
+    being scored. Warm start: each window starts from SLOT_WARMSTART x the values of the window in the
+    same batch slot one batch earlier. (PR #1319 fitted them on the very targets it scored, which leaks
+    the answer; that form is not offered.)"""
 
-    def __init__(self, h: Settings):
-        self.h, self.prev = h, None
+    def __init__(self):
+        self.prev = None
 
-    def logits(self, model: GPT, x: torch.Tensor, y: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
-        h = self.h
+    def logits(self, h: Settings, model: GPT, x: torch.Tensor, y: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            hidden = model.hidden(x).float()
+            hidden = graph(h, _hidden)(model, x).float()
         B, V = x.size(0), model.tok_emb.num_embeddings
         delta = hidden.new_zeros(B, 1, hidden.size(-1))
         bias = hidden.new_zeros(B, 1, V)
-        if self.prev is not None and self.prev[0].size(0) == B:
+        if self.prev is not None:
             delta, bias = h.slot_warmstart * self.prev[0], h.slot_warmstart * self.prev[1]
         delta.requires_grad_(True)
         bias.requires_grad_(True)
-        context = torch.arange(x.size(1), device=x.device)[None] < first[:, None]  # targets already scored
+        pos = torch.arange(x.size(1), device=x.device)[None]
+        context = pos < first[:, None]  # targets already scored
+        if h.slot_context:
+            context &= pos >= first[:, None] - h.slot_context
         if context.any():
             opt = torch.optim.AdamW([delta, bias], lr=h.slot_lr, weight_decay=0.0)
             for i in range(h.slot_steps):
                 frac = i / max(h.slot_steps - 1, 1)
                 opt.param_groups[0]["lr"] = h.slot_lr_end + (h.slot_lr - h.slot_lr_end) * 0.5 * (1 + math.cos(math.pi * frac))
                 with torch.enable_grad():
-                    logits = model.head(hidden + delta) + bias
-                    loss = F.cross_entropy(logits[context], y[context])
+                    logits = model.head(hidden[context] + delta.expand_as(hidden)[context]) + bias.expand(
+                        B, x.size(1), V)[context]
+                    loss = F.cross_entropy(logits, y[context])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -1439,41 +1521,54 @@ class CausalSlot:
             return model.head(hidden + delta) + bias
 
 
-def score_windows(h: Settings, rt: Runtime, model: nn.Module, val: ValData, windows: np.ndarray, out: EvalSums,
+def window_batch(h: Settings, val: ValData, windows: np.ndarray, rows: int):
+    """Windows as one fixed-shape batch (rows x EVAL_SEQ_LEN): a window cut by the end of the data and
+    missing rows are padded, never scored. Causal attention keeps padding out of the real positions.
+    Returns (target indices, x, y, first scored position, scored mask)."""
+    n_targets, seq = val.tokens.numel() - 1, h.eval_seq_len
+    starts, firsts = np.zeros(rows, dtype=np.int64), np.zeros(rows, dtype=np.int64)
+    starts[:len(windows)], firsts[:len(windows)] = windows[:, 0], windows[:, 1]
+    real = torch.arange(rows)[:, None] < len(windows)
+    idx = torch.as_tensor(starts)[:, None] + torch.arange(seq)[None]
+    scored = (torch.arange(seq)[None] >= torch.as_tensor(firsts)[:, None]) & (idx < n_targets) & real
+    idx = idx.clamp(max=n_targets - 1)
+    return idx, val.tokens[idx], val.tokens[idx + 1], torch.as_tensor(firsts), scored
+
+
+def eval_rows(h: Settings, world: int, n_targets: int) -> int:
+    """Windows per forward, one number for every pass of a run (one compiled shape): EVAL_BATCH_TOKENS
+    worth, but no more than a rank gets of the final pass (of one TTT chunk with TTT), to pad little."""
+    stride = h.eval_stride if 0 < h.eval_stride < h.eval_seq_len else h.eval_seq_len
+    per = len(plan_windows(n_targets, h.eval_seq_len, stride))
+    if h.ttt_epochs:
+        per = min(per, math.ceil(h.ttt_chunk_tokens / stride))
+    return max(1, min(h.eval_batch_tokens // h.eval_seq_len, math.ceil(per / world)))
+
+
+def score_windows(h: Settings, rt: Runtime, model: GPT, val: ValData, windows: np.ndarray, out: EvalSums,
                   slot: CausalSlot | None = None, on_scored=None) -> None:
-    """Score this rank's windows (consecutive windows of equal length batched together).
+    """Score this rank's windows in batches of EVAL_BATCH_TOKENS // EVAL_SEQ_LEN windows.
     on_scored(target_indices, log_probs) sees the full predictive distribution of every scored token."""
-    n_targets = val.tokens.numel() - 1
-    seq, batch = h.eval_seq_len, max(1, h.eval_batch_tokens // h.eval_seq_len)
-    lengths = np.minimum(seq, n_targets - windows[:, 0])
-    i = 0
-    while i < len(windows):
-        j = i + 1
-        while j < len(windows) and j - i < batch and lengths[j] == lengths[i]:
-            j += 1
-        L = int(lengths[i])
-        idx = torch.as_tensor(windows[i:j, 0])[:, None] + torch.arange(L)[None]
-        x, y = val.tokens[idx], val.tokens[idx + 1]
-        first = torch.as_tensor(windows[i:j, 1])
-        xd, yd, fd = x.to(rt.device), y.to(rt.device), first.to(rt.device)
+    rows = eval_rows(h, rt.world_size, val.tokens.numel() - 1)
+    nll_fn = graph(h, _eval_nll)
+    for i in range(0, len(windows), rows):
+        idx, x, y, first, scored = window_batch(h, val, windows[i:i + rows], rows)
+        xd, yd, fd, sd = x.to(rt.device), y.to(rt.device), first.to(rt.device), scored.to(rt.device)
         logits = None
         if slot is not None:
             with rt.autocast():
-                logits = slot.logits(model, xd, yd, fd)
+                logits = slot.logits(h, model, xd, yd, fd)
         elif on_scored is not None:
             with torch.no_grad(), rt.autocast():
                 logits = model.logits(xd)
         else:
             with torch.no_grad(), rt.autocast():
-                nll = model(xd, yd)
+                nll = nll_fn(model, xd, yd)
         if logits is not None:
             nll = F.cross_entropy(logits.flatten(0, 1), yd.flatten(), reduction="none").view_as(yd)
-        scored = torch.arange(L)[None] >= first[:, None]
-        sd = scored.to(rt.device)
         out.add(idx[scored], nll[sd], val.bytes_at(idx[scored]))
         if on_scored is not None:
             on_scored(idx[scored], F.log_softmax(logits[sd].float(), dim=-1))
-        i = j
 
 
 def rank_slice(n: int, rt: Runtime) -> slice:
@@ -1489,7 +1584,7 @@ def evaluate(h: Settings, rt: Runtime, model: nn.Module, val: ValData, stride: i
     was_training = model.training
     model.eval()
     score_windows(h, rt, model, val, windows[rank_slice(len(windows), rt)], out,
-                  CausalSlot(h) if slot else None, on_scored)
+                  CausalSlot() if slot else None, on_scored)
     model.train(was_training)
     if dump:
         out.dump(dump)
@@ -1513,25 +1608,27 @@ def ttt_parameters(h: Settings, model: GPT) -> list[nn.Parameter]:
     return chosen
 
 
-def evaluate_ttt(h: Settings, rt: Runtime, model: GPT, val: ValData, dump: str = "", on_scored=None,
-                 runner: nn.Module | None = None) -> tuple[float, float, int, int]:
+def ttt_optimizer(h: Settings, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    if h.ttt_optimizer == "sgd":
+        return torch.optim.SGD(params, lr=h.ttt_lr, momentum=h.ttt_momentum, weight_decay=h.ttt_wd)
+    return torch.optim.AdamW(params, lr=h.ttt_lr, betas=(h.beta1, h.beta2), weight_decay=h.ttt_wd)
+
+
+def evaluate_ttt(h: Settings, rt: Runtime, model: GPT, val: ValData, dump: str = "",
+                 on_scored=None) -> tuple[float, float, int, int]:
     """Legal score-first TTT fused with the sliding-window pass (EVAL_STRIDE; 0 = non-overlapping).
 
     Validation targets are cut into chunks of TTT_CHUNK_TOKENS and each window belongs to the chunk of
     its first scored target. Chunk c is scored first (all ranks, the model fixed), then, unless it is
     the last, the model trains on chunk c's tokens only: TTT_EPOCHS over sequences of TTT_SEQ_LEN, the
-    LR cosine-decayed across chunks. So every prediction depends only on the artifact and earlier tokens.
-    runner: the (compiled) module that runs the forward passes; model: its parameters."""
-    runner = runner or model
+    LR cosine-decayed from TTT_LR over the chunks (0 after the last one, which is never trained on).
+    So every prediction depends only on the artifact and earlier tokens."""
     n_targets = val.tokens.numel() - 1
     windows = plan_windows(n_targets, h.eval_seq_len, h.eval_stride or h.eval_seq_len)
     chunk_of = (windows[:, 0] + windows[:, 1]) // h.ttt_chunk_tokens
     n_chunks = math.ceil(n_targets / h.ttt_chunk_tokens)
     params = ttt_parameters(h, model)
-    if h.ttt_optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=h.ttt_lr, momentum=h.ttt_momentum, weight_decay=h.ttt_wd)
-    else:
-        opt = torch.optim.AdamW(params, lr=h.ttt_lr, betas=(h.beta1, h.beta2), weight_decay=h.ttt_wd)
+    opt = ttt_optimizer(h, params)
     ema = [p.detach().clone() for p in params] if h.ttt_ema else None
     out = EvalSums(rt, keep=bool(dump))
     t0 = time.perf_counter()
@@ -1541,12 +1638,12 @@ def evaluate_ttt(h: Settings, rt: Runtime, model: GPT, val: ValData, dump: str =
         if ema is not None:  # score with the EMA of the adapted weights (PR #578)
             torch._foreach_copy_([p.data for p in params], ema)
         model.eval()
-        score_windows(h, rt, runner, val, mine[rank_slice(len(mine), rt)], out, on_scored=on_scored)
+        score_windows(h, rt, model, val, mine[rank_slice(len(mine), rt)], out, on_scored=on_scored)
         if live is not None:
             torch._foreach_copy_([p.data for p in params], live)
         if c < n_chunks - 1:
-            lr = h.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(n_chunks - 2, 1)))
-            ttt_train_chunk(h, rt, runner, val, params, opt, lr, c * h.ttt_chunk_tokens,
+            lr = h.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / (n_chunks - 1)))
+            ttt_train_chunk(h, rt, model, val, params, opt, lr, c * h.ttt_chunk_tokens,
                             min((c + 1) * h.ttt_chunk_tokens, n_targets))
             if ema is not None:
                 torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - h.ttt_ema)
@@ -1560,25 +1657,49 @@ def evaluate_ttt(h: Settings, rt: Runtime, model: GPT, val: ValData, dump: str =
     return out.result()
 
 
-def ttt_train_chunk(h: Settings, rt: Runtime, model: nn.Module, val: ValData, params: list[nn.Parameter],
+def ttt_rows(h: Settings, world: int) -> tuple[int, int]:
+    """(micro-batches, sequences per forward) of one rank's share of a TTT step: its ceil(TTT_BATCH_SEQS
+    / world) sequences in as few forwards as fit a training micro-batch (TRAIN_BATCH_TOKENS / 8)."""
+    per_rank = math.ceil(h.ttt_batch_seqs / world)
+    fit = max(1, h.train_batch_tokens // (8 * h.ttt_seq_len))
+    micro = math.ceil(per_rank / fit)
+    return micro, math.ceil(per_rank / micro)
+
+
+def ttt_batch(h: Settings, val: ValData, starts: np.ndarray, hi: int, rows: int):
+    """Sequences from starts (cut at target hi) as a fixed (rows, TTT_SEQ_LEN) batch with per-token
+    weights: padding positions and rows weigh 0."""
+    idx = torch.as_tensor(starts, dtype=torch.int64)[:, None] + torch.arange(h.ttt_seq_len)[None]
+    w = (idx < hi).float()
+    pad = rows - len(starts)
+    idx, w = F.pad(idx.clamp(max=hi - 1), (0, 0, 0, pad)), F.pad(w, (0, 0, 0, pad))
+    return val.tokens[idx], val.tokens[idx + 1], w
+
+
+def ttt_train_chunk(h: Settings, rt: Runtime, model: GPT, val: ValData, params: list[nn.Parameter],
                     opt: torch.optim.Optimizer, lr: float, lo: int, hi: int) -> None:
     """Train on targets lo..hi-1 (tokens lo..hi), all already scored. Each step takes TTT_BATCH_SEQS
-    sequences split across ranks; the loss is the mean over the step's tokens on all ranks."""
+    sequences split across ranks, each rank's share in fixed-shape forwards (ttt_rows); the loss is
+    the mean over the step's real tokens on all ranks."""
     starts = np.arange(lo, hi, h.ttt_seq_len)
+    micro, rows = ttt_rows(h, rt.world_size)
+    loss_fn = graph(h, _ttt_loss)
     model.train()
     for group in opt.param_groups:
         group["lr"] = lr
     for _ in range(h.ttt_epochs):
         for b in range(0, len(starts), h.ttt_batch_seqs):
             step_starts = starts[b:b + h.ttt_batch_seqs]
-            total = float(sum(min(h.ttt_seq_len, hi - a) for a in step_starts))
+            total = float(np.minimum(h.ttt_seq_len, hi - step_starts).sum())
+            mine = step_starts[rank_slice(len(step_starts), rt)]
             opt.zero_grad(set_to_none=True)
-            for a in step_starts[rank_slice(len(step_starts), rt)]:
-                n = min(h.ttt_seq_len, hi - int(a))
-                x = val.tokens[a:a + n][None].to(rt.device)
-                y = val.tokens[a + 1:a + n + 1][None].to(rt.device)
+            for m in range(micro):
+                part = mine[m * rows:(m + 1) * rows]
+                if not len(part):
+                    continue
+                x, y, w = (t.to(rt.device) for t in ttt_batch(h, val, part, hi, rows))
                 with rt.autocast():
-                    loss = model(x, y).sum() / total
+                    loss = loss_fn(model, x, y, w) / total
                 loss.backward()
             for p in params:
                 if p.grad is None:
@@ -1596,10 +1717,6 @@ def ttt_train_chunk(h: Settings, rt: Runtime, model: nn.Module, val: ValData, pa
 # -----------------------------------------------------------------------------
 
 
-def maybe_compile(h: Settings, model: nn.Module) -> nn.Module:
-    return torch.compile(model, fullgraph=True) if h.compile else model
-
-
 def resolve_grad_accum(h: Settings, rt: Runtime) -> int:
     accum = h.grad_accum_steps or max(1, 8 // rt.world_size)
     per_micro = h.train_batch_tokens / (rt.world_size * accum)
@@ -1615,7 +1732,7 @@ class Trainer:
     def __init__(self, h: Settings, rt: Runtime, model: GPT, val: ValData):
         self.h, self.rt, self.model, self.val = h, rt, model, val
         self.accum = resolve_grad_accum(h, rt)
-        self.compiled = maybe_compile(h, model)
+        self.loss_fn = graph(h, _train_loss)
         self.optimizers = build_optimizers(h, rt, model)
         self.params = list(model.parameters())
         self.adam_params = [p for g in self.optimizers[0].param_groups for p in g["params"]]
@@ -1636,7 +1753,7 @@ class Trainer:
         for _ in range(self.accum):
             x, y = self.loader.next_batch()
             with self.rt.autocast():
-                loss = self.compiled(x, y).mean()
+                loss = self.loss_fn(self.model, x, y)
             (loss / self.accum).backward()
             total += loss.detach()
         adam, muon = self.optimizers
@@ -1740,16 +1857,18 @@ class Trainer:
         log(f"checkpoint:resumed step:{self.start_step} train_time:{self.start_ms:.0f}ms path:{path}")
 
     def validate(self, step: int, train_ms: float) -> None:
-        loss, bpb, _, _ = evaluate(self.h, self.rt, self.compiled, self.val)
+        loss, bpb, _, _ = evaluate(self.h, self.rt, self.model, self.val)
         log(f"step:{step}/{self.h.iterations} val_loss:{loss:.4f} val_bpb:{bpb:.4f} "
             f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
 
     def run(self) -> tuple[int, float]:
-        """The timed loop; returns (steps, training ms). Validation pauses the clock."""
+        """The timed loop; returns (steps, training ms). Validation pauses the clock. Every decision
+        that depends on time (LR, QAT, SWA, the stop) uses the clock all ranks agree on: the mean of
+        their clocks, all-reduced with the loss once per step."""
         h, rt = self.h, self.rt
         cap_ms = train_cap_ms(h)
         train_ms, step, stop_at = self.start_ms, self.start_step, None
-        last_ckpt_ms = train_ms
+        clock_ms = last_ckpt_ms = train_ms
         _sync(rt)
         t0 = time.perf_counter()
         while True:
@@ -1765,32 +1884,32 @@ class Trainer:
                 if h.checkpoint_every_seconds:
                     self.save_checkpoint(self.checkpoint_path, step, train_ms)
                 return step, train_ms
-            loss = self.step(step, train_ms + 1000.0 * (time.perf_counter() - t0))
+            loss = self.step(step, clock_ms)
             step += 1
-            now_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
-            # One all-reduce per step: the wall-clock stop is decided by all ranks together, the
-            # logged loss is the global mean, and a NaN/inf on any rank survives the sum.
-            sums = torch.stack([torch.tensor(float(cap_ms > 0 and now_ms >= cap_ms), device=rt.device), loss])
+            # One all-reduce per step: the agreed clock, and the global mean loss (a NaN/inf on any
+            # rank survives the sum).
+            sums = torch.stack([torch.tensor(train_ms + 1000.0 * (time.perf_counter() - t0), device=rt.device,
+                                             dtype=torch.float64), loss.double()])
             if rt.distributed:
                 dist.all_reduce(sums)
-            reached_cap, loss_sum = sums.tolist()
-            train_loss = loss_sum / rt.world_size
+            clock_ms, train_loss = (v / rt.world_size for v in sums.tolist())
+            reached_cap = cap_ms > 0 and clock_ms >= cap_ms
             if not math.isfinite(train_loss):
                 raise FloatingPointError(f"train loss is {train_loss} at step {step}; lower the learning rates "
                                          "(MATRIX_LR, SCALAR_LR, TIED_EMBED_LR) or set GRAD_CLIP_NORM")
             if step <= 10 or step % h.train_log_every == 0 or reached_cap:
-                log(f"step:{step}/{h.iterations} train_loss:{train_loss:.4f} train_time:{now_ms:.0f}ms "
-                    f"step_avg:{now_ms / step:.2f}ms")
+                log(f"step:{step}/{h.iterations} train_loss:{train_loss:.4f} train_time:{clock_ms:.0f}ms "
+                    f"step_avg:{clock_ms / step:.2f}ms")
             if reached_cap and stop_at is None:
                 stop_at = step
-            if h.checkpoint_every_seconds and now_ms - last_ckpt_ms >= 1000 * h.checkpoint_every_seconds \
+            if h.checkpoint_every_seconds and clock_ms - last_ckpt_ms >= 1000 * h.checkpoint_every_seconds \
                     and step != stop_at and step != h.iterations:
                 _sync(rt)  # the clock stops while the checkpoint is written
                 t1 = time.perf_counter()
                 train_ms += 1000.0 * (t1 - t0)
                 self.save_checkpoint(self.checkpoint_path, step, train_ms)
                 self.seconds["checkpoint"] += time.perf_counter() - t1
-                last_ckpt_ms, t0 = train_ms, time.perf_counter()
+                last_ckpt_ms, t0 = clock_ms, time.perf_counter()
 
 
 def _sync(rt: Runtime) -> None:
@@ -2367,8 +2486,10 @@ def submitted_code(h: Settings) -> str:
 
 def write_artifact(h: Settings, rt: Runtime, model: GPT, hessians: dict[str, torch.Tensor] | None) -> Path:
     """Rank 0 calibrates (self-generated tokens unless Hessians came from training data), quantizes,
-    prunes to fit and compresses; every rank then reads the same file."""
+    prunes to fit and compresses; every rank then reads the same file. A submission over SIZE_LIMIT
+    ends the run on every rank (ArtifactError) instead of being scored."""
     path = Path(h.artifact_path or Path(h.log_dir) / f"{h.run_id}.ptz")
+    total = 0
     if rt.is_main:
         t_start = t0 = time.perf_counter()
         state = model.state_dict()
@@ -2402,8 +2523,12 @@ def write_artifact(h: Settings, rt: Runtime, model: GPT, hessians: dict[str, tor
         log(f"Total submission size {tag}: {total} bytes limit:{h.size_limit} fits:{total <= h.size_limit}")
         log("artifact_time: " + " ".join(f"{k}:{v:.1f}s" for k, v in seconds.items())
             + f" total:{time.perf_counter() - t_start:.1f}s")
-    if rt.distributed:
-        dist.barrier()
+    size = torch.tensor(total, dtype=torch.int64, device=rt.device)
+    if rt.distributed:  # also the barrier: no rank reads the file before it is written
+        dist.broadcast(size, src=0)
+    if int(size) > h.size_limit:
+        raise ArtifactError(f"the submission is {int(size)} bytes, over SIZE_LIMIT={h.size_limit}: lower QUANT_BITS_*, "
+                            "or let pruning fit it (TARGET_BYTES=0)")
     return path
 
 
@@ -2419,73 +2544,158 @@ def log_model(h: Settings, model: GPT) -> None:
         log(f"params component:{name} count:{count}")
     log(f"model_params:{sum(p.numel() for p in model.parameters())}")
     log(f"attention_backend:{'fa3' if model.fa3 else 'sdpa'} num_heads:{h.num_heads} num_kv_heads:{h.num_kv_heads} "
-        f"xsa_layers:{min(h.xsa_last_n, h.num_layers)} ve_layers:{model.ve_layers} doc_mask:{h.doc_mask}")
+        f"xsa_layers:{min(h.xsa_last_n, h.num_layers)} ve_layers:{model.ve_layers} doc_mask:{h.doc_mask}"
+        + (f" doc_mask_max_docs:{h.doc_mask_max_docs} (segments per micro-batch: rows + {h.doc_mask_max_docs})"
+           if h.doc_mask else ""))
 
 
-def warm_eval_graphs(h: Settings, rt: Runtime, model: GPT, runner: nn.Module) -> float:
-    """Compile the evaluation (and TTT) graphs on random tokens, never on validation tokens."""
-    if not h.compile:
-        return 0.0
+def forward_flops(h: Settings, model: GPT, seq: int) -> float:
+    """Matmul FLOPs per token of a forward at context seq: 2 per weight of every Linear and of the tied
+    head, plus attention scores and values (2*2*seq*d per layer, halved by the causal mask)."""
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    return 2 * (linear + h.vocab_size * h.model_dim) + 2 * h.num_layers * seq * h.model_dim
+
+
+def eval_passes(h: Settings) -> list[str]:
+    """EVAL_PASSES, then the pass that gives the score: TTT (fused with the sliding windows), else
+    sliding windows, else non-overlapping windows."""
+    final = "ttt" if h.ttt_epochs else "sliding" if 0 < h.eval_stride < h.eval_seq_len else "plain"
+    extra = [p.strip() for p in h.eval_passes.split(",") if p.strip() and p.strip() != final]
+    return list(dict.fromkeys(extra)) + [final]
+
+
+def pass_flops(h: Settings, model: GPT, name: str, world: int, n_targets: int) -> tuple[int, float, float]:
+    """(windows, forward FLOPs, training FLOPs) of the busiest rank in one pass, padding included:
+    training is TTT's forward+backward (3x a forward) and SLOT's steps on the head."""
+    seq = h.eval_seq_len
+    stride = seq if name == "plain" else h.eval_stride or seq
+    windows = plan_windows(n_targets, seq, stride)
+    rows = eval_rows(h, world, n_targets)
+    groups = np.bincount((windows[:, 0] + windows[:, 1]) // h.ttt_chunk_tokens) if name == "ttt" else [len(windows)]
+    batches = sum(math.ceil(math.ceil(n / world) / rows) for n in groups)
+    fwd = batches * rows * seq * forward_flops(h, model, seq)
+    train = 0.0
+    if name == "ttt":
+        micro, ttt_r = ttt_rows(h, world)
+        steps = math.ceil(math.ceil(h.ttt_chunk_tokens / h.ttt_seq_len) / h.ttt_batch_seqs)
+        n_chunks = math.ceil(n_targets / h.ttt_chunk_tokens)
+        train = (n_chunks - 1) * h.ttt_epochs * steps * micro * ttt_r * h.ttt_seq_len * 3 * forward_flops(
+            h, model, h.ttt_seq_len)
+    elif name == "sliding" and h.slot_steps:
+        context = min(h.slot_context or seq, seq - stride)
+        train = batches * rows * h.slot_steps * context * 3 * 2 * h.model_dim * h.vocab_size
+    return len(windows), fwd, train
+
+
+def log_eval_projection(h: Settings, model: GPT, world: int, n_targets: int, eval_rate: float, train_rate: float,
+                        compile_s: float | None, where: str) -> float:
+    """One eval_projection line per pass and a total against EVAL_MAX_SECONDS: FLOPs of each pass at
+    the throughput given (measured on this machine, or assumed by PLAN); returns the total seconds."""
+    total = compile_s or 0.0
+    for name in eval_passes(h):
+        windows, fwd, train = pass_flops(h, model, name, world, n_targets)
+        seconds = fwd / eval_rate + train / train_rate
+        total += seconds
+        log(f"eval_projection pass:{name} windows:{windows} forward_tflops:{fwd / 1e12:.4g} "
+            f"train_tflops:{train / 1e12:.4g} seconds:{seconds:.1f}")
+    compile_text = f"{compile_s:.1f}s" if compile_s is not None else "unmeasured"
+    log(f"eval_projection total:{total:.1f}s compile_warmup:{compile_text} budget:{h.eval_max_seconds:.0f}s "
+        f"fits:{not h.eval_max_seconds or total <= h.eval_max_seconds} world_size:{world} {where}")
+    return total
+
+
+def timed(rt: Runtime, fn) -> float:
+    _sync(rt)
     t0 = time.perf_counter()
-    g = torch.Generator().manual_seed(h.seed)
-    x = torch.randint(0, h.vocab_size, (max(1, h.eval_batch_tokens // h.eval_seq_len), h.eval_seq_len),
-                      generator=g).to(rt.device)
-    model.eval()
-    with torch.no_grad(), rt.autocast():
-        runner(x, x)
-    if h.ttt_epochs:
-        ttt_parameters(h, model)  # the TTT graph: only its trainable parameters need gradients
-        model.train()
-        with rt.autocast():
-            runner(x[:1, :h.ttt_seq_len], x[:1, :h.ttt_seq_len]).sum().backward()
-        for p in model.parameters():
-            p.grad = None
-            p.requires_grad_(True)
+    fn()
     _sync(rt)
     return time.perf_counter() - t0
 
 
+def warm_eval_graphs(h: Settings, rt: Runtime, model: GPT, n_targets: int) -> tuple[float, float, float]:
+    """Compile every evaluation graph the passes use (scoring, TTT training, SLOT's hidden states) on
+    random tokens, never on validation tokens, then time one more call of each: (seconds of the
+    warm-up, forward FLOP/s, training FLOP/s) of this machine for the projection."""
+    t0 = time.perf_counter()
+    g = torch.Generator().manual_seed(h.seed)
+    rows, seq = eval_rows(h, rt.world_size, n_targets), h.eval_seq_len
+    # Inputs and targets are distinct tensors, as in the passes: dynamo guards on aliasing.
+    x, y = (torch.randint(0, h.vocab_size, (rows, seq), generator=g).to(rt.device) for _ in range(2))
+    model.eval()
+    passes = eval_passes(h)
+
+    def score():
+        with torch.no_grad(), rt.autocast():
+            if h.slot_steps and "sliding" in passes:
+                graph(h, _hidden)(model, x)
+            if any(p != "sliding" or not h.slot_steps for p in passes):
+                graph(h, _eval_nll)(model, x, y)
+
+    score()
+    eval_rate = rows * seq * forward_flops(h, model, seq) / timed(rt, score)
+    train_rate = eval_rate
+    if h.ttt_epochs:
+        _, ttt_r = ttt_rows(h, rt.world_size)
+        xt, yt = (torch.randint(0, h.vocab_size, (ttt_r, h.ttt_seq_len), generator=g).to(rt.device) for _ in range(2))
+        w = torch.ones(xt.shape, device=rt.device)
+
+        def train():
+            with rt.autocast():
+                graph(h, _ttt_loss)(model, xt, yt, w).backward()
+
+        model.train()
+        train()
+        train_rate = 3 * xt.numel() * forward_flops(h, model, h.ttt_seq_len) / timed(rt, train)
+        model.eval()
+        for p in model.parameters():
+            p.grad = None
+    return time.perf_counter() - t0, eval_rate, train_rate
+
+
 def final_evaluation(h: Settings, rt: Runtime, model: GPT, val: ValData, tag: str) -> None:
-    """Score the artifact's model: non-overlapping, then sliding (with causal SLOT if set), then legal TTT.
-    EVAL_DUMP records the last of these passes."""
-    runner = maybe_compile(h, model)
-    warm_s = warm_eval_graphs(h, rt, model, runner)
-    sliding = 0 < h.eval_stride < h.eval_seq_len
-    last_pass = "ttt" if h.ttt_epochs else "sliding" if sliding else "plain"
-    t_start = t0 = time.perf_counter()
-    loss, bpb, tokens, nbytes = evaluate(h, rt, runner, val, dump=h.eval_dump if last_pass == "plain" else "")
-    plain_s = time.perf_counter() - t0
-    log(f"final_{tag}_roundtrip val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{1000 * plain_s:.0f}ms")
-    log(f"final_{tag}_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} "
-        f"scored_tokens:{tokens} scored_bytes:{nbytes}")
-    # Projection from the plain pass: sliding costs seq/stride of it; TTT ~3x a pass per epoch on top.
-    window_cost = plain_s * (h.eval_seq_len / h.eval_stride if sliding else 1.0)
-    projected = plain_s + (window_cost if sliding else 0) + (window_cost + 3 * h.ttt_epochs * plain_s
-                                                              if h.ttt_epochs else 0)
-    log(f"eval_projection: plain:{plain_s:.1f}s sliding:{window_cost if sliding else 0:.1f}s "
-        f"total:{projected:.1f}s budget:{h.eval_max_seconds:.0f}s compile_warmup:{warm_s:.1f}s"
-        + (" slot:not_projected" if h.slot_steps else ""))
+    """Score the artifact's model: the passes of eval_passes(), the last of which is the score.
+    EVAL_DUMP records the last pass. With TTT its frozen tensors stay frozen in every pass, so that
+    all passes share one compiled scoring graph, warmed up before the clock starts."""
+    n_targets = val.tokens.numel() - 1
+    frozen = h.ttt_epochs > 0 and len(ttt_parameters(h, model)) < len(list(model.parameters()))
+    warm_s, eval_rate, train_rate = warm_eval_graphs(h, rt, model, n_targets)
+    projected = log_eval_projection(h, model, rt.world_size, n_targets, eval_rate, train_rate, warm_s,
+                                    f"measured_tflops_per_rank:{eval_rate / 1e12:.4g}")
     if h.eval_max_seconds and projected > h.eval_max_seconds:
         log(f"warning: the evaluation is projected to take {projected:.0f}s, over EVAL_MAX_SECONDS="
-            f"{h.eval_max_seconds:.0f}; raise EVAL_STRIDE or TTT_CHUNK_TOKENS, or lower TTT_EPOCHS")
-    if sliding:
+            f"{h.eval_max_seconds:.0f}; raise EVAL_STRIDE or TTT_CHUNK_TOKENS, or lower TTT_EPOCHS or SLOT_STEPS")
+    passes = eval_passes(h)
+    t_start = time.perf_counter()
+    for name in passes:
+        dump = h.eval_dump if name == passes[-1] else ""
         t0 = time.perf_counter()
-        loss, bpb, _, _ = evaluate(h, rt, runner, val, stride=h.eval_stride, slot=h.slot_steps > 0,
-                                   dump=h.eval_dump if last_pass == "sliding" else "")
-        ms = 1000 * (time.perf_counter() - t0)
-        extra = f" slot_steps:{h.slot_steps}" if h.slot_steps else ""
-        log(f"final_{tag}_sliding_window val_loss:{loss:.4f} val_bpb:{bpb:.4f} stride:{h.eval_stride}{extra} "
-            f"eval_time:{ms:.0f}ms")
-        log(f"final_{tag}_sliding_window_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
-    if h.ttt_epochs:
-        name = "legal_qttt" if h.ttt_params == "q" else "legal_ttt"
-        t0 = time.perf_counter()
-        log(f"ttt_sliding:start chunks={math.ceil((val.tokens.numel() - 1) / h.ttt_chunk_tokens)} "
-            f"stride={h.eval_stride or h.eval_seq_len} epochs={h.ttt_epochs} lr={h.ttt_lr} params={h.ttt_params}")
-        loss, bpb, _, _ = evaluate_ttt(h, rt, model, val, dump=h.eval_dump, runner=runner)
-        log(f"{name} val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
-        log(f"{name}_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
-    log(f"total_eval_time:{time.perf_counter() - t_start:.1f}s")
+        if name == "plain":
+            loss, bpb, tokens, nbytes = evaluate(h, rt, model, val, dump=dump)
+            log(f"final_{tag}_roundtrip val_loss:{loss:.4f} val_bpb:{bpb:.4f} "
+                f"eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
+            log(f"final_{tag}_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} "
+                f"scored_tokens:{tokens} scored_bytes:{nbytes}")
+        elif name == "sliding":
+            loss, bpb, tokens, nbytes = evaluate(h, rt, model, val, stride=h.eval_stride, slot=h.slot_steps > 0,
+                                                 dump=dump)
+            extra = f" slot_steps:{h.slot_steps} slot_context:{h.slot_context}" if h.slot_steps else ""
+            log(f"final_{tag}_sliding_window val_loss:{loss:.4f} val_bpb:{bpb:.4f} stride:{h.eval_stride}{extra} "
+                f"eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
+            log(f"final_{tag}_sliding_window_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} "
+                f"scored_tokens:{tokens} scored_bytes:{nbytes}")
+        else:
+            label = "legal_qttt" if h.ttt_params == "q" else "legal_ttt"
+            log(f"ttt_sliding:start chunks={math.ceil(n_targets / h.ttt_chunk_tokens)} "
+                f"stride={h.eval_stride or h.eval_seq_len} epochs={h.ttt_epochs} lr={h.ttt_lr} params={h.ttt_params}")
+            loss, bpb, tokens, nbytes = evaluate_ttt(h, rt, model, val, dump=dump)
+            log(f"{label} val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
+            log(f"{label}_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} scored_tokens:{tokens} scored_bytes:{nbytes}")
+    for p in model.parameters():
+        p.requires_grad_(True)
+    log(f"total_eval_time:{time.perf_counter() - t_start:.1f}s compile_warmup:{warm_s:.1f}s")
+    if h.compile:
+        expected = expected_graphs(h, frozen)
+        log(f"compiled_graphs:{compiled_graph_count()} expected_at_most:{len(expected)} ({','.join(expected)})")
 
 
 def evaluate_artifact(h: Settings, rt: Runtime) -> None:
@@ -2498,6 +2708,7 @@ def evaluate_artifact(h: Settings, rt: Runtime) -> None:
 
 
 H100_BF16_FLOPS = 989e12  # dense bf16 peak of one H100 SXM
+OFFICIAL_VAL_TOKENS = 62_021_632  # the challenge's validation split with sp1024 (50,000 documents)
 
 
 def plan(h: Settings) -> None:
@@ -2506,11 +2717,8 @@ def plan(h: Settings) -> None:
     model = build_model(h, Runtime())
     log_model(h, model)
     n_params = sum(p.numel() for p in model.parameters())
-    # Matmul FLOPs per token: 2 per weight of every Linear plus the tied head; attention scores and
-    # values 2*2*T*d per layer, halved by the causal mask. Training = 3x forward.
-    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
-    fwd = 2 * (linear + h.vocab_size * h.model_dim) + 2 * h.num_layers * h.train_seq_len * h.model_dim
-    train_flops = 3 * fwd
+    fwd = forward_flops(h, model, h.train_seq_len)
+    train_flops = 3 * fwd  # forward + backward
     log(f"flops_per_token forward:{fwd:.4g} train:{train_flops:.4g}")
     t0 = time.perf_counter()
     # Round to nearest and rANS (close to the codes' entropy): fast, and no calibration needed.
@@ -2532,6 +2740,9 @@ def plan(h: Settings) -> None:
     step_s = h.train_batch_tokens * train_flops / (8 * H100_BF16_FLOPS * h.plan_mfu)
     log(f"budget_estimate 8xH100 at MFU {h.plan_mfu}: step:{1000 * step_s:.1f}ms steps:{int(seconds / step_s)} "
         f"tokens:{seconds / step_s * h.train_batch_tokens:.3g}")
+    rate = H100_BF16_FLOPS * h.plan_mfu
+    log_eval_projection(h, model, 8, OFFICIAL_VAL_TOKENS - 1, rate, rate, None,
+                        f"8xH100_at_mfu:{h.plan_mfu} val_tokens:{OFFICIAL_VAL_TOKENS} (sp1024)")
 
 
 def train_and_eval(h: Settings, rt: Runtime) -> None:
@@ -2572,7 +2783,7 @@ def train_and_eval(h: Settings, rt: Runtime) -> None:
         hessians = calibrate_on_train(h, rt, trainer, train_ms)
     if chosen != "live":
         t0 = time.perf_counter()
-        loss, bpb, _, _ = evaluate(h, rt, trainer.compiled, val)  # the QAT-off graph is already compiled
+        loss, bpb, _, _ = evaluate(h, rt, model, val)  # the QAT-off graph is already compiled
         log(f"final_weights:{chosen} swa_snapshots:{trainer.averager.swa_count} val_loss:{loss:.4f} "
             f"val_bpb:{bpb:.4f} eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
 

@@ -101,6 +101,8 @@ def scaled_env(tg, preset: str, seconds: float) -> dict[str, str]:
     env.update(ttt_seq_len=s.eval_seq_len, ttt_batch_seqs=TTT_BATCH_SEQS,
                ttt_chunk_tokens=max(s.eval_seq_len, p.ttt_chunk_tokens // TTT_CHUNK_DIVISOR))
     env["slot_steps"] = max(1, p.slot_steps // SLOT_STEPS_DIVISOR) if p.slot_steps else 0
+    if "eval_passes" in fields:  # every stage scored within the run, for the ablations judged inside it
+        env["eval_passes"] = "plain,sliding" if env["eval_stride"] else "plain"
     if "quant_min_numel" in fields:  # smoke's, else matrix area scaled with width squared
         env["quant_min_numel"] = (s.quant_min_numel if s.quant_min_numel != d.quant_min_numel
                                   else round(d.quant_min_numel * (s.model_dim / d.model_dim) ** 2))

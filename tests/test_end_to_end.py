@@ -24,7 +24,7 @@ def tiny_run_env(data_path, **extra):
                    NUM_LAYERS="2", MODEL_DIM="128", NUM_HEADS="4", NUM_KV_HEADS="2", TRAIN_SEQ_LEN="32",
                    EVAL_SEQ_LEN="64", TRAIN_BATCH_TOKENS="256", ITERATIONS="6", WARMUP_STEPS="1",
                    MAX_WALLCLOCK_SECONDS="0", WARMDOWN_ITERS="3", VAL_LOSS_EVERY="3", TRAIN_LOG_EVERY="1",
-                   CALIB_SEQS="4", CALIB_LEN="32", OMP_NUM_THREADS="1"), **extra}
+                   CALIB_SEQS="4", CALIB_LEN="32", OMP_NUM_THREADS="1", EVAL_PASSES="plain"), **extra}
 
 
 @pytest.mark.parametrize("parallel_muon", ["1", "0"])
@@ -49,13 +49,14 @@ def test_smoke_preset_runs_end_to_end(tmp_path):
     for line in ("val_tokens:628456 val_bytes:1489418", "step:3/3 train_loss:", "step:3/3 val_loss:",
                  "final_weights:ema", "Serialized model gptq+hybrid:", "Code size:", "Total submission size gptq+hybrid:",
                  "gptq:calibration source:selfgen", "quant_group:mlp", "artifact_time:",
-                 "final_quant_roundtrip val_loss:", "final_quant_roundtrip_exact val_loss:",
-                 "eval_projection:", "final_quant_sliding_window val_loss:", "stride:128", "total_eval_time:"):
+                 "eval_projection pass:sliding", "eval_projection total:", "final_quant_sliding_window val_loss:",
+                 "stride:128", "total_eval_time:"):
         assert line in out
+    assert "final_quant_roundtrip" not in out  # one pass gives the score; others only when EVAL_PASSES asks
     assert "scored_tokens:628456 scored_bytes:1489418" in out
     logged = (tmp_path / "logs" / "smoke.txt").read_text()
     assert logged.startswith((ROOT / "train_gpt.py").read_text())  # the log opens with the source
-    assert "python:" in logged and "  model_dim:128" in logged and "final_quant_roundtrip_exact" in logged
+    assert "python:" in logged and "  model_dim:128" in logged and "final_quant_sliding_window_exact" in logged
     assert (tmp_path / "logs" / "smoke.ptz").stat().st_size > 0
 
 
@@ -80,7 +81,7 @@ def test_eval_artifact_reproduces_the_score_and_ttt_ranks_stay_in_step(small_dat
     again = run([sys.executable, "train_gpt.py"], {**env, "RUN_ID": "again", "EVAL_ARTIFACT": artifact}, tmp_path)
     assert FINAL.findall(again) == FINAL.findall(trained) and "step:" not in again  # no training
     ttt_env = {**env, "EVAL_ARTIFACT": artifact, "EVAL_STRIDE": "16", "TTT_EPOCHS": "1", "TTT_CHUNK_TOKENS": "1000",
-               "TTT_SEQ_LEN": "32", "TTT_BATCH_SEQS": "4", "TTT_LR": "0.01"}
+               "TTT_SEQ_LEN": "32", "TTT_BATCH_SEQS": "4", "TTT_LR": "0.01", "EVAL_PASSES": "plain,sliding"}
     one = run([sys.executable, "train_gpt.py"], {**ttt_env, "RUN_ID": "t1"}, tmp_path)
     two = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_gpt.py"],
               {**ttt_env, "RUN_ID": "t2"}, tmp_path)

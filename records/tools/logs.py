@@ -76,8 +76,9 @@ def read_log(path: str | Path) -> RunLog:
         if found:
             last = found[-1]
             stages[stage] = (float(last[-2]), float(last[-1]))
-    if "quantized" not in stages:
-        raise LogError(f"{path}: no final_*_roundtrip_exact line; the run did not finish")
+    if not {"quantized", "sliding", "ttt"} & stages.keys():
+        raise LogError(f"{path}: no final score line (final_*_roundtrip_exact, final_*_sliding_window_exact or "
+                       "legal_*ttt_exact); the run did not finish")
     time_line = re.search(r"^time: .*training:([\d.]+)s.*steps:(\d+)", text, re.M)
     if time_line is None:
         train_seconds, steps = 0.0, 0  # an EVAL_ARTIFACT log: no training in it
