@@ -1547,7 +1547,7 @@ def eval_rows(h: Settings, world: int, n_targets: int) -> int:
 
 def score_windows(h: Settings, rt: Runtime, model: GPT, val: ValData, windows: np.ndarray, out: EvalSums,
                   slot: CausalSlot | None = None, on_scored=None) -> None:
-    """Score this rank's windows in batches of EVAL_BATCH_TOKENS // EVAL_SEQ_LEN windows.
+    """Score this rank's windows in fixed-shape batches of eval_rows() windows.
     on_scored(target_indices, log_probs) sees the full predictive distribution of every scored token."""
     rows = eval_rows(h, rt.world_size, val.tokens.numel() - 1)
     nll_fn = graph(h, _eval_nll)
