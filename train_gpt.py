@@ -331,11 +331,6 @@ PRESETS: dict[str, dict] = {
                    qat_threshold=0.15, quant_bits_mlp=6, quant_bits_attn=6, eval_stride=64, ttt_epochs=0,
                    slot_steps=64, calib_source="selfgen", calib_seqs=64, calib_len=2048, calib_temp=0.8,
                    compressor="lzma"),
-    # SP8192 with lossless CaseOps: the frontier records' data, downloaded by
-    # `data/cached_challenge_fineweb.py --variant sp8192_caseops`; val_bpb counts the original bytes from
-    # its sidecars. On the bundled sample: PRESET=smoke,caseops DATA_PATH=./data/sample/fineweb_sp8192_caseops
-    "caseops": dict(data_path="./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved", vocab_size=8192,
-                    tokenizer_path="./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"),
     # A few minutes on a 2-core CPU with the bundled sample: the whole pipeline, every default technique,
     # small; TTT is off here for time (PRESET=smoke TTT_EPOCHS=1 TTT_CHUNK_TOKENS=131072 adds it).
     "smoke": dict(
@@ -347,6 +342,11 @@ PRESETS: dict[str, dict] = {
         ve_dim=32, xsa_last_n=4, ema_decay=0.95, swa_every=10, eval_stride=128, ttt_epochs=0,
         quant_min_numel=4096, calib_seqs=16, calib_len=256,  # small matrices are quantized too
     ),
+    # SP8192 with lossless CaseOps: the frontier records' data, downloaded by
+    # `data/cached_challenge_fineweb.py --variant sp8192_caseops`; val_bpb counts the original bytes from
+    # its sidecars. On the bundled sample: PRESET=smoke,caseops DATA_PATH=./data/sample/fineweb_sp8192_caseops
+    "caseops": dict(data_path="./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved", vocab_size=8192,
+                    tokenizer_path="./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"),
 }
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
