@@ -277,3 +277,8 @@ def test_caseops_preset_reads_the_bundled_sample(make_settings):
     val = tg.load_val_data(h, tg.load_tokenizer(h))
     assert int(val.bytes_at(torch.arange(val.tokens.numel() - 1)).sum()) == 1_489_515
     assert tg.TrainLoader(h, tg.Runtime(), accum=1).next_batch()[0].max() < 8192
+
+
+def test_builder_warns_when_sentencepiece_drops_whitespace(tmp_path, capsys):
+    build(tmp_path, "out", CASEOPS_TOKENIZER, ["  Leading and trailing  ", "Fine."])
+    assert "the sidecars count 25 of the validation documents' 29 UTF-8 bytes" in capsys.readouterr().err
