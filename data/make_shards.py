@@ -256,8 +256,8 @@ def encode_documents(sp, docs: Iterable[str], writer: ShardWriter, *, caseops: b
 def check_split(inputs: list, val: list | None, num_val_docs: int) -> None:
     """Refuse (one line) every split in which a validation document could reach a train shard."""
     challenge = [Path(p) for p in inputs if Path(p).name == CHALLENGE_DOCS]
-    leak = ("; its first 50,000 documents are the validation split and must never reach a train shard "
-            "(challenge issue #2127)")
+    leak = (f"; its first {CHALLENGE_VAL_DOCS:,} documents are the validation split and must never reach a train "
+            "shard (challenge issue #2127)")
     if val:
         both = {Path(v).resolve() for v in val} & {Path(p).resolve() for p in inputs}
         if both:
@@ -298,7 +298,8 @@ def build_shards(inputs: list, tokenizer: str | Path, out: str | Path, *, val: l
     results = {}
     for split, docs in (("val", val_docs), ("train", train_docs)):
         writer = ShardWriter(out, split, shard_tokens, 0 if split == "val" else max_train_shards)
-        sidecar = ShardWriter(out, "val_bytes", shard_tokens) if split == "val" and (caseops or byte_sidecar) else None
+        with_sidecar = split == "val" and (caseops or byte_sidecar)
+        sidecar = ShardWriter(out, "val_bytes", shard_tokens) if with_sidecar else None
         stats = encode_documents(sp, docs, writer, caseops=caseops, sidecar=sidecar, val_hashes=val_hashes,
                                  is_val=split == "val")
         stats.update(tokens=writer.close(), shards=writer.index)
