@@ -352,6 +352,11 @@ PRESETS: dict[str, dict] = {
         ve_dim=32, xsa_last_n=4, ema_decay=0.95, swa_every=10, eval_stride=128, ttt_epochs=0,
         quant_min_numel=4096, calib_seqs=16, calib_len=256,  # small matrices are quantized too
     ),
+    # SP8192 with lossless CaseOps: the frontier records' data, downloaded by
+    # `data/cached_challenge_fineweb.py --variant sp8192_caseops`; val_bpb counts the original bytes from
+    # its sidecars. On the bundled sample: PRESET=smoke,caseops DATA_PATH=./data/sample/fineweb_sp8192_caseops
+    "caseops": dict(data_path="./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved", vocab_size=8192,
+                    tokenizer_path="./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"),
 }
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
@@ -553,11 +558,13 @@ def check_vocab(tokens: np.ndarray, vocab_size: int, where) -> None:
 
 
 def shard_paths(data_path: str, split: str) -> list[Path]:
-    paths = sorted(Path(data_path).glob(f"fineweb_{split}_*.bin"))
+    """fineweb_{split}_NNNNNN.bin in order (fineweb_val_bytes_* sidecars are not val shards)."""
+    paths = [p for p in sorted(Path(data_path).glob(f"fineweb_{split}_*.bin"))
+             if p.stem.rsplit("_", 1)[0] == f"fineweb_{split}"]
     if not paths:
         raise DataError(f"no fineweb_{split}_*.bin shards in DATA_PATH={data_path}; download them with "
-                        "`python3 data/cached_challenge_fineweb.py --variant sp1024` or run on the bundled "
-                        "sample with PRESET=smoke (DATA_PATH=./data/sample/fineweb_sp1024)")
+                        "`python3 data/cached_challenge_fineweb.py --variant sp1024` (or sp8192_caseops) or run on "
+                        "the bundled sample with PRESET=smoke (DATA_PATH=./data/sample/fineweb_sp1024)")
     return paths
 
 
@@ -664,6 +671,7 @@ class ValData:
     base_bytes: torch.Tensor  # int16 per token id: UTF-8 bytes of the piece without a leading "▁"
     has_space: torch.Tensor  # bool per id: the piece starts with "▁"
     is_boundary: torch.Tensor  # bool per id: control/unknown/unused ids (BOS...) that own no text
+    sidecar: torch.Tensor | None = None  # int32 per token: original UTF-8 bytes (fineweb_val_bytes_*.bin)
 
     def target_bytes(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         # The leading "▁" is one byte unless the previous token is a boundary (BOS starts a document).
@@ -671,6 +679,8 @@ class ValData:
 
     def bytes_at(self, targets: torch.Tensor) -> torch.Tensor:
         """Bytes of the text that targets (indices t: token t+1 after token t) account for."""
+        if self.sidecar is not None:
+            return self.sidecar[targets + 1]
         return self.target_bytes(self.tokens[targets], self.tokens[targets + 1])
 
 
@@ -707,11 +717,37 @@ def build_byte_luts(sp: spm.SentencePieceProcessor, vocab_size: int):
     return torch.from_numpy(base), torch.from_numpy(space), torch.from_numpy(boundary)
 
 
+def read_sidecars(paths: list[Path], shards: list[np.ndarray]) -> np.ndarray | None:
+    """The byte sidecars fineweb_val_bytes_N.bin of val shards fineweb_val_N.bin (shard format, one uint16
+    per token: the original UTF-8 bytes it accounts for), or None when there are none."""
+    sides = sorted(paths[0].parent.glob("fineweb_val_bytes_*.bin"))
+    if not sides:
+        return None
+    pairs = [p.with_name(p.name.replace("fineweb_val_", "fineweb_val_bytes_")) for p in paths]
+    if sides != pairs:
+        raise DataError(f"byte sidecars {[p.name for p in sides]} do not pair one to one with val shards "
+                        f"{[p.name for p in paths]}; download or rebuild the shards and sidecars together")
+    out = [read_shard(p, 1 << 16) for p in sides]
+    for side, counts, tokens in zip(sides, out, shards):
+        if len(counts) != len(tokens) or counts[tokens == 1].any():
+            raise DataError(f"{side}: {len(counts)} byte counts do not match the {len(tokens)} tokens of its shard "
+                            "(or count bytes for a BOS); download or rebuild the shards and sidecars together")
+    return np.concatenate(out)
+
+
 def load_val_data(h: Settings, sp: spm.SentencePieceProcessor) -> ValData:
-    tokens = np.concatenate([read_shard(p, h.vocab_size) for p in shard_paths(h.data_path, "val")])
+    paths = shard_paths(h.data_path, "val")
+    shards = [read_shard(p, h.vocab_size) for p in paths]
+    tokens = np.concatenate(shards)
     if len(tokens) < 2:
         raise DataError(f"validation shards in DATA_PATH={h.data_path} hold fewer than 2 tokens")
-    return ValData(torch.from_numpy(tokens.astype(np.int64)), *build_byte_luts(sp, h.vocab_size))
+    sidecar = read_sidecars(paths, shards)
+    if sidecar is None and sp.piece_to_id("\ue001") != sp.unk_id():
+        raise DataError(f"TOKENIZER_PATH={h.tokenizer_path} is a CaseOps tokenizer but DATA_PATH={h.data_path} has no "
+                        "fineweb_val_bytes_*.bin sidecars to count the original bytes; download or rebuild them")
+    log(f"val_bytes_from:{'sidecar' if sidecar is not None else 'pieces'}")
+    return ValData(torch.from_numpy(tokens.astype(np.int64)), *build_byte_luts(sp, h.vocab_size),
+                   None if sidecar is None else torch.from_numpy(sidecar.astype(np.int32)))
 
 
 # -----------------------------------------------------------------------------

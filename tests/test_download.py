@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, downloader
+from conftest import ROOT, downloader, make_shards, tg
 
 MANIFEST = {
     "datasets": [
@@ -80,3 +80,47 @@ def test_ci_runs_the_readme_test_command():
     assert command in readme
     assert "torch==2.13.0" in command
     assert "torch" in Path(ROOT / "requirements.txt").read_text() and "+cpu" not in (ROOT / "requirements.txt").read_text()
+
+
+CASEOPS = "sp8192_lossless_caps_caseops_v1_reserved"
+
+
+def test_caseops_export_comes_with_its_byte_sidecars():
+    manifest = {"datasets": [{"name": f"fineweb10B_{CASEOPS}", "tokenizer_name": "tok", "val_bytes_glob": "x",
+                              "stats": {"files_train": 80, "files_val": 1}}],
+                "tokenizers": [{"name": "tok", "model_path": "tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"}]}
+    files = [local for _, local in downloader.plan_files(manifest, CASEOPS, 1)]
+    assert files == [f"datasets/fineweb10B_{CASEOPS}/fineweb_val_000000.bin",
+                     f"datasets/fineweb10B_{CASEOPS}/fineweb_val_bytes_000000.bin",
+                     f"datasets/fineweb10B_{CASEOPS}/fineweb_train_000000.bin",
+                     "tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"]
+
+
+def test_sp8192_caseops_variant_downloads_the_published_export(monkeypatch):
+    calls = []
+    monkeypatch.setattr(downloader, "download", lambda *args: calls.append(args))
+    downloader.main(["--variant", "sp8192_caseops", "--train-shards", "2"])
+    downloader.main(["--variant", "sp1024", "--train-shards", "2"])
+    assert calls == [("romeerp/parameter-golf-caseops-v1", "datasets", CASEOPS, 2),
+                     ("willdepueoai/parameter-golf", "datasets", "sp1024", 2)]
+
+
+def test_from_docs_builds_the_challenge_split_from_docs_selected(tmp_path, monkeypatch):
+    docs = tmp_path / "hub" / "docs_selected.jsonl"
+    docs.parent.mkdir()
+    docs.write_text("\n".join(json.dumps({"text": f"Document {i}: The NASA launch."}) for i in range(6)))
+    fetched = []
+    monkeypatch.setattr(downloader, "fetch", lambda repo, remote, dest: fetched.append((repo, remote, dest)) or docs)
+    monkeypatch.setattr(make_shards, "CHALLENGE_VAL_DOCS", 2)  # 50,000 at full size
+    data = tmp_path / "data"
+    (data / "tokenizers").mkdir(parents=True)
+    name = "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
+    (data / "tokenizers" / name).write_bytes((ROOT / "data" / "tokenizers" / name).read_bytes())
+    out = downloader.build_from_docs("sp8192_caseops", 1, data)
+    assert fetched == [("willdepueoai/parameter-golf", "datasets/docs_selected.jsonl", None)]
+    assert out == data / "datasets" / f"fineweb10B_{CASEOPS}"
+    val = tg.read_shard(out / "fineweb_val_000000.bin", 8192)
+    assert (val == 1).sum() == 2 and (out / "fineweb_val_bytes_000000.bin").is_file()
+    assert len(tg.shard_paths(str(out), "train")) == 1
+    with pytest.raises(downloader.DownloadError, match="--from-docs builds sp1024, sp8192, sp8192_caseops"):
+        downloader.build_from_docs("sp4096", 1, data)

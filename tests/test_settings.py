@@ -51,7 +51,7 @@ def test_types_are_parsed(make_settings):
     (dict(ve_layers="9,11"), "VE_LAYERS='9,11' must be comma-separated layer indices in [-11, 10]"),
     (dict(ve_layers="nine"), "VE_LAYERS='nine' must be comma-separated layer indices"),
     (dict(bigram_buckets="1"), "BIGRAM_BUCKETS must be 0 (off) or >= 2"),
-    (dict(preset="huge"), "PRESET='huge' is unknown; choose from: baseline, pr585, pr1683, pr592, pr578, pr1319, smoke"),
+    (dict(preset="huge"), "PRESET='huge' is unknown; choose from: baseline, pr585, pr1683, pr592, pr578, pr1319, smoke, caseops"),
     (dict(preset="smoke,huge"), "PRESET='huge' is unknown"),
     (dict(resume="/nonexistent/run.ckpt"), "RESUME=/nonexistent/run.ckpt does not exist"),
     (dict(eval_artifact="/nonexistent/m.ptz"), "EVAL_ARTIFACT=/nonexistent/m.ptz does not exist"),
