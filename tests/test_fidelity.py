@@ -112,7 +112,8 @@ def test_record_qat_reaches_the_table_projections(make_settings):
 
 def test_pr585_ttt_trains_the_last_two_blocks_and_every_scale(make_settings):
     h = make_settings(preset="pr585")
-    model = tg.GPT(h)
+    with torch.device("meta"):  # shapes only: no time spent on the init
+        model = tg.GPT(h)
     params = tg.ttt_parameters(h, model)
     assert sum(p.numel() for p in params) == 5_780_500  # its logs: ttt:params unfrozen=5780500
     assert sum(p.numel() for p in model.parameters() if not p.requires_grad) == 27_799_624  # frozen=27799624
@@ -171,3 +172,20 @@ def test_newton_schulz_runs_in_bf16_on_cuda(monkeypatch):
     out = tg.zeropower_via_newtonschulz5(g, 5)
     assert out.dtype == torch.float32 and torch.equal(out, out.bfloat16().float())  # computed in bf16
     assert (out - fp32).abs().max() < 0.05
+
+
+def test_pr1319_focal_loss_and_sqrt_warmdown(tiny, small_data, make_settings):
+    h = make_settings(iterations=1000, warmdown_iters=100, max_wallclock_seconds=0, lr_schedule="sqrt")
+    assert tg.lr_scale(h, 900, 0) == 1.0 and tg.lr_scale(h, 925, 0) == pytest.approx(0.5)  # 1 - sqrt(1/4)
+    assert tg.lr_scale(h, 991, 0) == pytest.approx(0.0460608)  # 1 - sqrt(0.91)
+    pr1319 = make_settings(preset="pr1319")
+    assert (pr1319.focal_gamma, pr1319.lr_schedule, pr1319.qk_gain_init) == (1.0, "sqrt", 4.0)
+    h = tiny(data_path=str(small_data), focal_gamma=1.0, qat_threshold=0)
+    torch.manual_seed(0)
+    trainer = tg.Trainer(h, tg.Runtime(), tg.GPT(h), val=None)
+    x, y = tg.TrainLoader(h, tg.Runtime(), 1).next_batch()
+    with torch.no_grad():
+        nll = trainer.model(x, y)
+    loss = trainer.step(0, 0.0).item()  # the first step's loss, before its update
+    assert loss == pytest.approx(((1 - torch.exp(-nll)) * nll).mean().item(), rel=1e-5)
+    assert loss < nll.mean().item()
