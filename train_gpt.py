@@ -340,13 +340,15 @@ PRESETS: dict[str, dict] = {
     # 1.1280: 13L GQA 8/4, gated attention, value residual, BigramHash 2048, VE 96, doc-masked training.
     # EMA 0.997 + SWA every 200, QAT from 70% of the budget, int4 MLP / int5 attention, qk gain 5.25.
     # Export: GPTQ with the Hessian-weighted auto-clip over sigma candidates, ANS/brotli hybrid per tensor.
-    # Eval: 2,048-token windows (its sliding pass uses TRAIN_SEQ_LEN), stride 256, qTTT (lr 0.002, 3 epochs).
+    # Eval: 2,048-token windows (its sliding pass uses TRAIN_SEQ_LEN), stride 256, qTTT: its qo_bank, i.e. every
+    # layer's query and output projections, AdamW lr 0.002, 3 epochs, 32,768-token chunks.
     # An approximation: its code differs in kind (SmearGate before the norm with x_-1 = x_0, parameter banks,
     # MuonEq-R, an n-gram cache mixed into the sliding scores, int7 embeddings), none of which we offer.
     "pr1683": dict(num_layers=13, num_kv_heads=4, mlp_mult=3.0, bigram_buckets=2048, ve_dim=96, smear=False,
                    xsa_last_n=0, attn_gate=True, value_residual=True, doc_mask=True, swa_every=200,
                    qat_threshold=0.0, qat_start_frac=0.7, quant_bits_mlp=4, quant_bits_attn=5, qk_gain_init=5.25,
-                   rope_base=RECORD_ROPE_BASE, eval_stride=256, ttt_params="q", ttt_lr=0.002,
+                   rope_base=RECORD_ROPE_BASE, eval_stride=256, ttt_freeze="tok_emb,bigram,smear,ve,skip,blocks",
+                   ttt_train="attn.c_q.,attn.proj.", ttt_lr=0.002,
                    ttt_chunk_tokens=32768, quant_clip_mlp="auto", quant_clip_attn="auto", compressor="hybrid"),
     # 1.1476: 12L, MLP 3x, BigramHash 10240x128, XSA on the last 4, VE on the last two layers.
     # Late QAT (0.15) on its grid (row max / qmax, floor 1/qmax, codes [-qmax, qmax]; the table projections

@@ -189,3 +189,13 @@ def test_pr1319_focal_loss_and_sqrt_warmdown(tiny, small_data, make_settings):
     loss = trainer.step(0, 0.0).item()  # the first step's loss, before its update
     assert loss == pytest.approx(((1 - torch.exp(-nll)) * nll).mean().item(), rel=1e-5)
     assert loss < nll.mean().item()
+
+
+def test_pr1683_qttt_adapts_its_qo_bank(make_settings):
+    """PR #1683's qTTT trains its qo_bank: every layer's query and output projections."""
+    h = make_settings(preset="pr1683")
+    with torch.device("meta"):
+        model = tg.GPT(h)
+    names = {n for n, p in model.named_parameters() if any(p is q for q in tg.ttt_parameters(h, model))}
+    assert names == {f"blocks.{i}.attn.{m}.weight" for i in range(13) for m in ("c_q", "proj")}
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 13 * 2 * 512 * 512
