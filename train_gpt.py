@@ -1186,7 +1186,7 @@ def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int, eps: float = 1e-7) 
     for _ in range(steps):
         A = X @ X.mT
         X = a * X + (b * A + c * A @ A) @ X
-    return (X.mT if transposed else X).to(G.dtype)
+    return X.mT if transposed else X  # in NS_DTYPE: the records scale and apply the bf16 update as is
 
 
 def _reduce_scatter_mean(full: torch.Tensor, rt: Runtime):
