@@ -168,6 +168,7 @@ def test_every_preset_is_causal(make_settings, preset):
 
 EXPECTED_PARAMS = {  # the records' logged counts for the same architectures
     "baseline": 17_059_912,  # the naive baseline
+    "pr585": 33_580_124,  # PR #585's logs (model_params:33580124)
     "pr578": 26_993_756,  # 11L 8/4 MLP3x BigramHash 2048, as R0322
     "pr1319": 27_067_484,  # PR #1019's architecture
 }
