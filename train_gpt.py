@@ -1768,9 +1768,10 @@ def evaluate_ttt(h: Settings, rt: Runtime, model: GPT, val: ValData, dump: str =
 
 
 def ttt_rows(h: Settings, world: int) -> tuple[int, int]:
-    """(micro-batches, sequences per forward) of one rank's share of a TTT step: its ceil(TTT_BATCH_SEQS
-    / world) sequences in as few forwards as fit a training micro-batch (TRAIN_BATCH_TOKENS / 8)."""
-    per_rank = math.ceil(h.ttt_batch_seqs / world)
+    """(micro-batches, sequences per forward) of one rank's share of a TTT step: its share of the step's
+    sequences (TTT_BATCH_SEQS, at most a chunk's) in as few forwards as fit a training micro-batch
+    (TRAIN_BATCH_TOKENS / 8)."""
+    per_rank = math.ceil(min(h.ttt_batch_seqs, math.ceil(h.ttt_chunk_tokens / h.ttt_seq_len)) / world)
     fit = max(1, h.train_batch_tokens // (8 * h.ttt_seq_len))
     micro = math.ceil(per_rank / fit)
     return micro, math.ceil(per_rank / micro)

@@ -180,9 +180,11 @@ def test_fixed_shape_eval_gives_the_same_scores(tiny):
 
 def test_ttt_rows():
     """One rank's share of a TTT step runs in as few fixed-shape forwards as fit a training micro-batch."""
-    h = type("H", (), dict(ttt_batch_seqs=32, train_batch_tokens=786432, ttt_seq_len=2048))
+    h = type("H", (), dict(ttt_batch_seqs=32, train_batch_tokens=786432, ttt_seq_len=2048, ttt_chunk_tokens=131072))
     assert tg.ttt_rows(h, 8) == (1, 4) and tg.ttt_rows(h, 1) == (1, 32)
-    h.ttt_batch_seqs = 256  # PR #585: 32 per rank on 8 GPUs
+    h.ttt_batch_seqs = 256  # PR #585: up to 32 per rank on 8 GPUs, but a chunk holds 64 sequences
+    assert tg.ttt_rows(h, 8) == (1, 8) and tg.ttt_rows(h, 1) == (2, 32)
+    h.ttt_chunk_tokens = 10 ** 6  # 489 sequences: the step's 256 bound it
     assert tg.ttt_rows(h, 8) == (1, 32) and tg.ttt_rows(h, 1) == (6, 43)
 
 
