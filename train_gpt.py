@@ -2931,6 +2931,11 @@ def main() -> None:
         (evaluate_artifact if h.eval_artifact else train_and_eval)(h, rt)
         if rt.distributed:  # no rank tears gloo/NCCL down while another still has work in flight
             dist.barrier()
+            # All work is done and logged. Skip the process-group teardown: gloo's can abort the process
+            # ("terminate called without an active exception") after a successful run.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
     except (SettingsError, DataError, ArtifactError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
