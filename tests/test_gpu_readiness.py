@@ -237,13 +237,13 @@ def test_eval_passes(make_settings):
         make_settings(PRESET="baseline", EVAL_PASSES="sliding")  # no sliding stride
 
 
-@pytest.mark.parametrize("preset", ["", "pr585", "pr1683", "pr592", "pr578", "pr1319"])
+@pytest.mark.parametrize("preset", ["", "pr585", "pr1683", "pr592", "pr578", "pr1319", "frontier", "pr1855"])
 def test_every_preset_evaluates_within_600s_of_8xh100(make_settings, preset, capsys):
     """PLAN's projection: the FLOPs of each pass at PLAN_MFU of 8 H100s, on the official validation set."""
     h = make_settings(PRESET=preset)
     model = tg.GPT(h)
     rate = tg.H100_BF16_FLOPS * h.plan_mfu
-    total = tg.log_eval_projection(h, model, 8, tg.OFFICIAL_VAL_TOKENS - 1, rate, rate, None, "test")
+    total = tg.log_eval_projection(h, model, 8, tg.official_val_tokens(h)[0] - 1, rate, rate, None, "test")
     out = capsys.readouterr().out
     assert total <= 600 and "fits:True" in out
     assert [line.split()[1] for line in out.splitlines() if "pass:" in line] == [f"pass:{p}" for p in tg.eval_passes(h)]

@@ -134,7 +134,7 @@ def test_value_embedding_layers_and_ln_scale(tiny):
     assert model.ve_layers == [1, 3]
     assert [round(b.norm_scale, 4) for b in model.blocks] == [1.0, 0.7071, 0.5774, 0.5, 0.4472]
     assert [b.norm_scale for b in tg.GPT(tiny(num_layers=3, ln_scale=0)).blocks] == [1.0] * 3
-    assert model.n_enc == 2 and model.skip_weights.shape == (2, 64)
+    assert model.n_skips == 2 and model.skip_weights.shape == (2, 64)
 
 
 def test_document_masking_blocks_earlier_documents_in_training_only(tiny):

@@ -10,10 +10,20 @@ def test_lr_schedule_shapes(make_settings):
                       lr_warmup_steps=10, min_lr=0.1)
     assert tg.lr_scale(h, 0, 0) == pytest.approx(0.1)  # warmup: (step+1)/10
     assert tg.lr_scale(h, 9, 0) == pytest.approx(1.0) and tg.lr_scale(h, 500, 0) == pytest.approx(1.0)
-    assert tg.lr_scale(h, 900, 0) == pytest.approx(0.1 + 0.9 * 0.5)  # cosine half-way, floor 0.1
+    assert tg.lr_scale(h, 900, 0) == pytest.approx(0.5)  # cosine half-way
+    assert tg.lr_scale(h, 990, 0) == pytest.approx(0.1)  # MIN_LR floors the scale (cosine is ~0.006 here)
     assert tg.lr_scale(h, 1000, 0) == pytest.approx(0.1)
     h.lr_schedule = "linear"
-    assert tg.lr_scale(h, 850, 0) == pytest.approx(0.1 + 0.9 * 0.75)
+    assert tg.lr_scale(h, 850, 0) == pytest.approx(0.75)
+
+
+def test_warmdown_fraction_is_the_frontier_schedule(make_settings):
+    """WARMDOWN_FRAC=0.85, MIN_LR=0.1: 1 for the first 15% of the budget, then max((1 - f) / 0.85, 0.1)."""
+    h = make_settings(max_wallclock_seconds=100, warmdown_frac=0.85, min_lr=0.1)
+    for f in (0.0, 0.1, 0.15, 0.5, 0.9, 0.95, 1.0):
+        assert tg.decay_scale(h, 10, 100_000 * f) == pytest.approx(max(min(1.0, (1 - f) / 0.85), 0.1))
+    h = make_settings(max_wallclock_seconds=0, iterations=200, warmdown_frac=0.5)  # no cap: fraction of steps
+    assert tg.decay_scale(h, 100, 0) == pytest.approx(1.0) and tg.decay_scale(h, 150, 0) == pytest.approx(0.5)
 
 
 def test_gptq_reserve_comes_out_of_the_training_budget(make_settings):
