@@ -27,13 +27,23 @@ def tiny_run_env(data_path, **extra):
                    CALIB_SEQS="4", CALIB_LEN="32", OMP_NUM_THREADS="1", EVAL_PASSES="plain"), **extra}
 
 
-@pytest.mark.parametrize("parallel_muon", ["1", "0"])
-def test_two_gloo_processes_follow_the_single_process_trajectory(small_data, tmp_path, parallel_muon):
-    """Parallel Muon (sharded banks) and plain Muon on 2 ranks both give the 1-process run."""
+# The frontier at test size on sp1024 data: 4 layers, 1..2 looped from step 3 of 6, lanes from layer 3.
+FRONTIER = dict(PRESET="frontier", VOCAB_SIZE="1024", NUM_LAYERS="4", LOOP_START="1", LOOP_END="2",
+                PARALLEL_START="3")
+
+
+@pytest.mark.parametrize("parallel_muon,extra", [("1", {}), ("0", {}), ("1", FRONTIER)], ids=["parallel", "plain",
+                                                                                            "frontier"])
+def test_two_gloo_processes_follow_the_single_process_trajectory(small_data, tmp_path, parallel_muon, extra):
+    """Parallel Muon (sharded banks) and plain Muon on 2 ranks both give the 1-process run; so does the
+    frontier recipe (recurrence switch, lanes, Polar Express with MuonEq-R, calibration on training data)."""
     single = run([sys.executable, "train_gpt.py"],
-                 tiny_run_env(small_data, GRAD_ACCUM_STEPS="2", RUN_ID="one"), tmp_path)
+                 tiny_run_env(small_data, GRAD_ACCUM_STEPS="2", RUN_ID="one", **extra), tmp_path)
     double = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_gpt.py"],
-                 tiny_run_env(small_data, GRAD_ACCUM_STEPS="1", RUN_ID="two", PARALLEL_MUON=parallel_muon), tmp_path)
+                 tiny_run_env(small_data, GRAD_ACCUM_STEPS="1", RUN_ID="two", PARALLEL_MUON=parallel_muon, **extra),
+                 tmp_path)
+    if extra:
+        assert "looping:enabled step:3" in single and "looping:enabled step:3" in double
     assert "world_size:2 grad_accum_steps:1" in double and "world_size:1 grad_accum_steps:2" in single
     one, two = STEP.findall(single), STEP.findall(double)
     assert [s for s, _ in one] == [s for s, _ in two] == [str(i) for i in range(1, 7)]

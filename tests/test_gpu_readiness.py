@@ -287,15 +287,27 @@ def _bounded_graph_run(small_data, make_settings, monkeypatch, **env):
     return tg.compiled_graph_count(), tg.expected_graphs(h, frozen=True)
 
 
-@pytest.mark.parametrize("mode", ["ttt", "slot"])
+GRAPH_MODES = {
+    "ttt": dict(EVAL_STRIDE=32, TTT_EPOCHS=1, TTT_CHUNK_TOKENS=1000, TTT_SEQ_LEN=32, TTT_BATCH_SEQS=4),
+    "slot": dict(EVAL_STRIDE=32, TTT_EPOCHS=0, SLOT_STEPS=2, EVAL_PASSES="plain"),
+    # The recurrence switch and context growth: 2 lengths x looping off/on, all compiled in the warm-up.
+    "frontier": dict(PRESET="frontier", VOCAB_SIZE=1024, NUM_LAYERS=4, LOOP_START=1, LOOP_END=2, PARALLEL_START=3,
+                     TRAIN_SEQ_SCHEDULE="16@0.5,32@1", QAT_THRESHOLD=0, EVAL_STRIDE=32, TTT_EPOCHS=0),
+}
+
+
+@pytest.mark.parametrize("mode", list(GRAPH_MODES))
 def test_a_full_compiled_run_compiles_only_the_listed_graphs(small_data, make_settings, monkeypatch, capsys, mode):
-    env = dict(EVAL_STRIDE=32, TTT_EPOCHS=1, TTT_CHUNK_TOKENS=1000, TTT_SEQ_LEN=32, TTT_BATCH_SEQS=4) \
-        if mode == "ttt" else dict(EVAL_STRIDE=32, TTT_EPOCHS=0, SLOT_STEPS=2, EVAL_PASSES="plain")
-    count, expected = _bounded_graph_run(small_data, make_settings, monkeypatch, **env)
+    count, expected = _bounded_graph_run(small_data, make_settings, monkeypatch, **GRAPH_MODES[mode])
     out = capsys.readouterr().out
     assert count == len(expected) <= 8, (count, expected, out[-2000:])
     assert f"compiled_graphs:{count} expected_at_most:{len(expected)}" in out
-    assert "qat:enabled" in out and "eval_projection total:" in out
+    assert "eval_projection total:" in out
+    if mode == "frontier":
+        assert expected == ["train_16", "train_16_loop", "train_32", "train_32_loop", "eval", "eval_loop"]
+        assert "looping:enabled step:3" in out and "train_seq_len:32 step:4" in out
+    else:
+        assert "qat:enabled" in out
 
 
 def test_ranks_decide_the_schedule_on_one_clock(small_data, tmp_path):
