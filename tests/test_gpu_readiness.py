@@ -243,7 +243,8 @@ def test_every_preset_evaluates_within_600s_of_8xh100(make_settings, preset, cap
     h = make_settings(PRESET=preset)
     model = tg.GPT(h)
     rate = tg.H100_BF16_FLOPS * h.plan_mfu
-    total = tg.log_eval_projection(h, model, 8, tg.OFFICIAL_VAL_TOKENS - 1, rate, rate, None, "test")
+    total = tg.log_eval_projection(h, model, 8, tg.OFFICIAL_VAL_TOKENS - 1, rate, rate, tg.NGRAM_CPU_TOKENS_PER_S, None,
+                                   "test")
     out = capsys.readouterr().out
     assert total <= 600 and "fits:True" in out
     assert [line.split()[1] for line in out.splitlines() if "pass:" in line] == [f"pass:{p}" for p in tg.eval_passes(h)]
@@ -287,15 +288,20 @@ def _bounded_graph_run(small_data, make_settings, monkeypatch, **env):
     return tg.compiled_graph_count(), tg.expected_graphs(h, frozen=True)
 
 
-@pytest.mark.parametrize("mode", ["ttt", "slot"])
+@pytest.mark.parametrize("mode", ["ttt", "slot", "ttt_ngram"])
 def test_a_full_compiled_run_compiles_only_the_listed_graphs(small_data, make_settings, monkeypatch, capsys, mode):
     env = dict(EVAL_STRIDE=32, TTT_EPOCHS=1, TTT_CHUNK_TOKENS=1000, TTT_SEQ_LEN=32, TTT_BATCH_SEQS=4) \
-        if mode == "ttt" else dict(EVAL_STRIDE=32, TTT_EPOCHS=0, SLOT_STEPS=2, EVAL_PASSES="plain")
+        if mode.startswith("ttt") else dict(EVAL_STRIDE=32, TTT_EPOCHS=0, SLOT_STEPS=2, EVAL_PASSES="plain")
+    if mode == "ttt_ngram":  # the tilt's scoring graph replaces the frozen eval graph in every final pass
+        env.update(NGRAM_ORDER=3, EVAL_PASSES="plain")
     count, expected = _bounded_graph_run(small_data, make_settings, monkeypatch, **env)
     out = capsys.readouterr().out
     assert count == len(expected) <= 8, (count, expected, out[-2000:])
     assert f"compiled_graphs:{count} expected_at_most:{len(expected)}" in out
     assert "qat:enabled" in out and "eval_projection total:" in out
+    if mode == "ttt_ngram":
+        assert "eval_ngram" in expected and "eval_frozen" not in expected
+        assert "eval_projection ngram_tilt tokens:4000 " in out and "ngram_tilt: order:3 threshold:0.8 " in out
 
 
 def test_ranks_decide_the_schedule_on_one_clock(small_data, tmp_path):
