@@ -121,6 +121,12 @@ class Settings:
     slot_lr_end: float = 0.001
     slot_warmstart: float = 0.85
     slot_context: int = 64  # fit on the last N already-scored positions before the scored ones; 0 = all of them
+    # causal token n-gram tilt at scoring (PR #2135): hint = the token that most often followed the same
+    # NGRAM_ORDER-1 tokens earlier in the val stream; where its share p >= NGRAM_THRESHOLD, its probability is
+    # boosted by e^NGRAM_BOOST and the distribution renormalized
+    ngram_order: int = 0  # 0 = off
+    ngram_threshold: float = 0.8
+    ngram_boost: float = 2.625
     # model (defaults: PR #585's architecture; each technique off gives the plain baseline)
     num_layers: int = 11
     model_dim: int = 512
@@ -343,6 +349,12 @@ class Settings:
                 and not self.gptq_reserve_seconds:
             raise SettingsError("CALIB_SOURCE=train reads training data, which needs time inside the budget: "
                                 "set GPTQ_RESERVE_SECONDS (e.g. 10) or use CALIB_SOURCE=selfgen")
+        if self.ngram_order < 0 or self.ngram_order == 1:
+            raise SettingsError(f"NGRAM_ORDER={self.ngram_order} must be 0 (off) or >= 2 (a hint from ORDER-1 tokens)")
+        if not 0 < self.ngram_threshold <= 1:
+            raise SettingsError(f"NGRAM_THRESHOLD={self.ngram_threshold} must be in (0, 1]")
+        if not self.ngram_boost > 0:
+            raise SettingsError(f"NGRAM_BOOST={self.ngram_boost} must be > 0")
         if self.target_bytes < -1:
             raise SettingsError(f"TARGET_BYTES={self.target_bytes} must be >= 0, or -1 for no pruning")
 
@@ -468,8 +480,8 @@ PRESETS: dict[str, dict] = {
     # lane lambdas exist for all 11 layers (ours for the 3 that use them: 48 fewer parameters, 35,945,625);
     # its training rows are 98,304-token packed rows cut at BOS and at 2,048 (ours: 48 rows of 2,048, cut
     # at BOS); its clip is on each rank's gradient before the all-reduce (ours: on the mean).
-    # Eval: sliding windows until the export and evaluation half (LQER, per-group lrzip, phased LoRA TTT at
-    # 2,560, n-gram tilt) lands; its score is 1.05651 only with that half.
+    # Eval: the causal token-only n-gram tilt (order 16, p >= 0.8, boost 2.625) on sliding windows until the
+    # rest of the export and evaluation half (LQER, per-group lrzip, phased LoRA TTT at 2,560) lands.
     "frontier": dict(**CASEOPS, num_kv_heads=4, mlp_mult=4.0, mlp_act="leaky_relu2", qk_gain_init=5.0,
                      bigram_buckets=0, ve_dim=0, smear_window=12, smear_doc_reset=False, skip_gates=True,
                      sparse_gate_window=12, sparse_gate_scale=0.5, num_loops=2, loop_start=3, loop_end=5,
@@ -480,10 +492,10 @@ PRESETS: dict[str, dict] = {
                      qat_threshold=0.0, quant_bits_mlp=6, quant_bits_attn=6, quant_bits_embed=7,
                      quant_clip_mlp="std", quant_clip_attn="std", quant_clip_embed="std", calib_source="train",
                      calib_seqs=12288, gptq_reserve_seconds=8.0, compressor="brotli", eval_stride=64,
-                     ttt_epochs=0),
+                     ttt_epochs=0, ngram_order=16, ngram_threshold=0.8, ngram_boost=2.625),
 }
-# PR #1855 (1.06108), #2135's base: the same code with SmearGate's BOS mask on and MATRIX_LR 0.026.
-PRESETS["pr1855"] = dict(PRESETS["frontier"], smear_doc_reset=True, matrix_lr=0.026)
+# PR #1855 (1.06108), #2135's base: the same code with SmearGate's BOS mask on, MATRIX_LR 0.026 and no n-gram tilt.
+PRESETS["pr1855"] = dict(PRESETS["frontier"], smear_doc_reset=True, matrix_lr=0.026, ngram_order=0)
 # Each dataset's bundled sample (data/sample), which PRESET=smoke trains on.
 SAMPLES = {"./data/datasets/fineweb10B_sp1024": "./data/sample/fineweb_sp1024",
            CASEOPS["data_path"]: "./data/sample/fineweb_sp8192_caseops"}
@@ -1691,8 +1703,17 @@ def _train_loss(model, x, y, focal_gamma: float):
     return ((1 - torch.exp(-nll)) ** focal_gamma * nll).mean() if focal_gamma else nll.mean()
 
 
+def nll_pair(logits: torch.Tensor, y: torch.Tensor, hint: torch.Tensor) -> torch.Tensor:
+    """fp32 NLL of the target and of the n-gram hint at each position: (..., 2)."""
+    return -F.log_softmax(logits.float(), -1).gather(-1, torch.stack([y, hint], -1))
+
+
 def _eval_nll(model, x, y):
     return model(x, y)
+
+
+def _eval_nll_hint(model, x, y, hint):
+    return nll_pair(model.logits(x), y, hint)
 
 
 def _ttt_loss(model, x, y, w):
@@ -1714,13 +1735,16 @@ def graph(h: Settings, fn):
 
 def expected_graphs(h: Settings, frozen: bool) -> list[str]:
     """The graphs a run compiles: role and variant (sequence length with a schedule, looping, QAT on,
-    TTT's frozen tables in eval graphs)."""
+    TTT's frozen tables or the n-gram tilt in the final passes' graph)."""
     states = train_states(h)
     train = [f"train_{seq}" * bool(h.train_seq_schedule) or "train" for seq, _, _ in states]
     evals = list(dict.fromkeys("eval" + "_loop" * loop + "_qat" * qat for _, loop, qat in states))
     train = [t + "_loop" * loop + "_qat" * qat for t, (_, loop, qat) in zip(train, states)]
-    return (train + evals + [evals[0] + "_loop" * bool(h.num_loops) + "_frozen"] * (h.ttt_epochs > 0 and frozen)
-            + ["ttt_train"] * (h.ttt_epochs > 0) + ["slot_hidden"] * (h.slot_steps > 0))
+    final = "eval" + "_loop" * bool(h.num_loops)
+    # With the n-gram tilt the final passes score through the ngram graph only, so eval never sees TTT's frozen tables.
+    return (train + evals + [final + "_frozen"] * (h.ttt_epochs > 0 and frozen and not h.ngram_order)
+            + [final + "_ngram"] * (h.ngram_order > 0) + ["ttt_train"] * (h.ttt_epochs > 0)
+            + ["slot_hidden"] * (h.slot_steps > 0))
 
 
 def compiled_graph_count() -> int:
@@ -1780,6 +1804,92 @@ class EvalSums:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             np.savez(path, target_index=target[order], nll=nll[order], bytes=nbytes[order])
             log(f"eval_dump:{path} tokens:{len(order)}")
+
+
+# -----------------------------------------------------------------------------
+# CAUSAL TOKEN N-GRAM TILT (PR #2130/#2135, token channel only)
+# -----------------------------------------------------------------------------
+# One left-to-right pass over the whole val stream in file order, without document resets: the hint of
+# target t is the token that most often followed the same NGRAM_ORDER-1 tokens before it, counted over
+# earlier occurrences only, so it never depends on the target or anything after it. Computed at once by
+# sorting (no per-token loop over 48M tokens). Word-boundary channels gated on the realized target
+# leak it (condition C1) and are not offered.
+
+
+def _runs(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For sorted values: (a run of equal values starts here, index where this position's run starts)."""
+    new = torch.ones_like(values, dtype=torch.bool)
+    new[1:] = values[1:] != values[:-1]
+    at = torch.arange(values.numel(), device=values.device)
+    return new, torch.cummax(torch.where(new, at, 0), 0).values
+
+
+def context_ids(tokens: torch.Tensor, k: int) -> torch.Tensor:
+    """Exact ids of every k-token substring: ids[a] == ids[b] iff tokens[a:a+k] == tokens[b:b+k]. By
+    doubling: a (length+step)-substring is the pair of the length-substrings at a and a+step (step <= length),
+    dense-ranked, so ceil(log2 k) sorts and no hash that could collide."""
+    ids, length = tokens, 1
+    while length < k:
+        step = min(length, k - length)
+        ids = torch.unique(ids[:-step] * (int(ids.max()) + 1) + ids[step:], return_inverse=True)[1]
+        length += step
+    return ids
+
+
+def ngram_counts(tokens: torch.Tensor, order: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per target t (the token at t+1), over the earlier positions whose order-1 preceding tokens equal
+    those of t+1: (hint: the most frequent next token, -1 when there is none; its count; their number).
+    A token becomes the hint only when its count strictly exceeds the previous top count (ties keep the
+    token that got there first). Targets with fewer than order-1 tokens before them get no hint."""
+    n, k = tokens.numel(), order - 1
+    hint = torch.full((n - 1,), -1, dtype=torch.int64, device=tokens.device)
+    top_count, total = torch.zeros_like(hint), torch.zeros_like(hint)
+    if n <= k:
+        return hint, top_count, total
+    group, nxt = context_ids(tokens, k)[:n - k], tokens[k:]  # position k+j follows context group[j]
+    at = torch.arange(nxt.numel(), device=tokens.device)
+    # Occurrences of each (context, next token) pair so far: a stable sort keeps stream order inside a pair.
+    pairs, perm = torch.sort(group * (int(tokens.max()) + 1) + nxt, stable=True)
+    count = torch.empty_like(at)
+    count[perm] = at - _runs(pairs)[1] + 1
+    del pairs, perm
+    # Each context's occurrences in stream order, with the state after absorbing each one.
+    group, perm = torch.sort(group, stable=True)
+    count, nxt = count[perm], nxt[perm]
+    first, start = _runs(group)
+    offset = group * (nxt.numel() + 1)  # a running max inside each context: the groups are ascending
+    top = torch.cummax(offset + count, 0).values - offset
+    record = first.clone()  # the top count rises by 1 exactly when this occurrence's token takes over
+    record[1:] |= top[1:] > top[:-1]
+    top_tok = nxt[torch.cummax(torch.where(record, at, 0), 0).values]
+    # An occurrence sees the state after the previous occurrence of its context.
+    seen = ~first[1:]
+    t = perm[1:][seen] + k - 1
+    hint[t], top_count[t], total[t] = top_tok[:-1][seen], top[:-1][seen], (at[1:] - start[1:])[seen]
+    return hint, top_count, total
+
+
+def ngram_hints(h: Settings, tokens: torch.Tensor) -> torch.Tensor:
+    """The hint of every target where its share of earlier occurrences is >= NGRAM_THRESHOLD, else -1."""
+    hint, top_count, total = ngram_counts(tokens, h.ngram_order)
+    return torch.where(top_count.double() / total.clamp(min=1) >= h.ngram_threshold, hint, -1)
+
+
+def tilt_nll(pair: torch.Tensor, hint: torch.Tensor, y: torch.Tensor, boost: float) -> torch.Tensor:
+    """The target's NLL under p'(a) = p(a) e^(boost [a = hint]) / Z, Z = 1 + q (e^boost - 1), q = p(hint),
+    where there is a hint (>= 0), else its NLL; pair holds the NLL of the target and of the hint. float64."""
+    nll, q = pair[..., 0].double(), torch.exp(-pair[..., 1].double())
+    tilted = nll - boost * (y == hint).double() + torch.log1p(q * math.expm1(boost))
+    return torch.where(hint >= 0, tilted, nll)
+
+
+def tilt_log_probs(log_probs: torch.Tensor, hint: torch.Tensor, boost: float) -> torch.Tensor:
+    """The whole tilted distribution of tilt_nll, as log-probabilities (rows without a hint unchanged)."""
+    fire = hint >= 0
+    bonus = torch.zeros_like(log_probs)
+    bonus[fire, hint[fire]] = boost
+    q = log_probs.gather(-1, hint.clamp(min=0)[:, None]).exp()
+    return log_probs + bonus - torch.log1p(q * math.expm1(boost)) * fire[:, None]
 
 
 class CausalSlot:
@@ -1848,14 +1958,17 @@ def eval_rows(h: Settings, world: int, n_targets: int) -> int:
 
 
 def score_windows(h: Settings, rt: Runtime, model: GPT, val: ValData, windows: np.ndarray, out: EvalSums,
-                  slot: CausalSlot | None = None, on_scored=None) -> None:
-    """Score this rank's windows in fixed-shape batches of eval_rows() windows.
+                  slot: CausalSlot | None = None, on_scored=None, hints: torch.Tensor | None = None) -> None:
+    """Score this rank's windows in fixed-shape batches of eval_rows() windows, tilted by the n-gram
+    hints of the targets (ngram_hints) if given.
     on_scored(target_indices, log_probs) sees the full predictive distribution of every scored token."""
     rows = eval_rows(h, rt.world_size, val.tokens.numel() - 1)
-    nll_fn = graph(h, _eval_nll)
+    nll_fn, hint_fn = graph(h, _eval_nll), graph(h, _eval_nll_hint)
     for i in range(0, len(windows), rows):
         idx, x, y, first, scored = window_batch(h, val, windows[i:i + rows], rows)
         xd, yd, fd, sd = x.to(rt.device), y.to(rt.device), first.to(rt.device), scored.to(rt.device)
+        hint = None if hints is None else hints[idx].to(rt.device)  # -1: no tilt at this position
+        pick = None if hint is None else hint.clamp(min=0)  # a valid index for the graphs; unused where -1
         logits = None
         if slot is not None:
             with rt.autocast():
@@ -1865,12 +1978,16 @@ def score_windows(h: Settings, rt: Runtime, model: GPT, val: ValData, windows: n
                 logits = model.logits(xd)
         else:
             with torch.no_grad(), rt.autocast():
-                nll = nll_fn(model, xd, yd)
+                nll = nll_fn(model, xd, yd) if hint is None else hint_fn(model, xd, yd, pick)
         if logits is not None:
-            nll = F.cross_entropy(logits.flatten(0, 1), yd.flatten(), reduction="none").view_as(yd)
+            nll = F.cross_entropy(logits.flatten(0, 1), yd.flatten(), reduction="none").view_as(yd) \
+                if hint is None else nll_pair(logits, yd, pick)
+        if hint is not None:
+            nll = tilt_nll(nll, hint, yd, h.ngram_boost)
         out.add(idx[scored], nll[sd], val.bytes_at(idx[scored]))
         if on_scored is not None:
-            on_scored(idx[scored], F.log_softmax(logits[sd].float(), dim=-1))
+            log_probs = F.log_softmax(logits[sd].float(), dim=-1)
+            on_scored(idx[scored], log_probs if hint is None else tilt_log_probs(log_probs, hint[sd], h.ngram_boost))
 
 
 def rank_slice(n: int, rt: Runtime) -> slice:
@@ -1878,15 +1995,17 @@ def rank_slice(n: int, rt: Runtime) -> slice:
 
 
 def evaluate(h: Settings, rt: Runtime, model: nn.Module, val: ValData, stride: int | None = None,
-             slot: bool = False, dump: str = "", on_scored=None) -> tuple[float, float, int, int]:
+             slot: bool = False, dump: str = "", on_scored=None,
+             hints: torch.Tensor | None = None) -> tuple[float, float, int, int]:
     """Every validation token after the first scored exactly once: non-overlapping EVAL_SEQ_LEN windows
-    (stride None), or sliding windows, with causal SLOT if asked. Returns (loss, bpb, tokens, bytes)."""
+    (stride None), or sliding windows, with causal SLOT and the n-gram tilt if asked. Returns (loss, bpb,
+    tokens, bytes)."""
     windows = plan_windows(val.tokens.numel() - 1, h.eval_seq_len, stride or h.eval_seq_len)
     out = EvalSums(rt, keep=bool(dump))
     was_training = model.training
     model.eval()
     score_windows(h, rt, model, val, windows[rank_slice(len(windows), rt)], out,
-                  CausalSlot() if slot else None, on_scored)
+                  CausalSlot() if slot else None, on_scored, hints)
     model.train(was_training)
     if dump:
         out.dump(dump)
@@ -1921,14 +2040,15 @@ def ttt_optimizer(h: Settings, params: list[nn.Parameter]) -> torch.optim.Optimi
 
 
 def evaluate_ttt(h: Settings, rt: Runtime, model: GPT, val: ValData, dump: str = "",
-                 on_scored=None) -> tuple[float, float, int, int]:
+                 on_scored=None, hints: torch.Tensor | None = None) -> tuple[float, float, int, int]:
     """Legal score-first TTT fused with the sliding-window pass (EVAL_STRIDE; 0 = non-overlapping).
 
     Validation targets are cut into chunks of TTT_CHUNK_TOKENS and each window belongs to the chunk of
     its first scored target. Chunk c is scored first (all ranks, the model fixed), then, unless it is
     the last, the model trains on chunk c's tokens only: TTT_EPOCHS over sequences of TTT_SEQ_LEN, the
     LR cosine-decayed from TTT_LR over the chunks (0 after the last one, which is never trained on).
-    So every prediction depends only on the artifact and earlier tokens."""
+    So every prediction depends only on the artifact and earlier tokens. The n-gram tilt (hints) only
+    changes the scores: TTT trains on the untilted NLL."""
     n_targets = val.tokens.numel() - 1
     windows = plan_windows(n_targets, h.eval_seq_len, h.eval_stride or h.eval_seq_len)
     chunk_of = (windows[:, 0] + windows[:, 1]) // h.ttt_chunk_tokens
@@ -1944,7 +2064,7 @@ def evaluate_ttt(h: Settings, rt: Runtime, model: GPT, val: ValData, dump: str =
         if ema is not None:  # score with the EMA of the adapted weights (PR #578)
             torch._foreach_copy_([p.data for p in params], ema)
         model.eval()
-        score_windows(h, rt, model, val, mine[rank_slice(len(mine), rt)], out, on_scored=on_scored)
+        score_windows(h, rt, model, val, mine[rank_slice(len(mine), rt)], out, on_scored=on_scored, hints=hints)
         if live is not None:
             torch._foreach_copy_([p.data for p in params], live)
         if c < n_chunks - 1:
@@ -2913,7 +3033,7 @@ def forward_flops(h: Settings, model: GPT, seq: int, looping: bool | None = None
     """Matmul FLOPs per token of a forward at context seq: 2 per weight of every Linear (a looped layer's
     once per pass) and of the tied head, plus attention scores and values (2*2*seq*d per layer run, halved
     by the causal mask). Looping: as the final model runs (on with NUM_LOOPS) unless told."""
-    run = sum(layer_order(h, bool(h.num_loops) if looping is None else looping), [])
+    run = sum(model.order[bool(h.num_loops) if looping is None else looping], [])
     weights = {id(m): m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear)}
     per_block = [sum(weights.pop(id(m)) for m in b.modules() if isinstance(m, nn.Linear)) for b in model.blocks]
     linear = sum(weights.values()) + sum(per_block[i] for i in run)
@@ -2952,10 +3072,15 @@ def pass_flops(h: Settings, model: GPT, name: str, world: int, n_targets: int) -
 
 
 def log_eval_projection(h: Settings, model: GPT, world: int, n_targets: int, eval_rate: float, train_rate: float,
-                        compile_s: float | None, where: str) -> float:
+                        ngram_rate: float, compile_s: float | None, where: str) -> float:
     """One eval_projection line per pass and a total against EVAL_MAX_SECONDS: FLOPs of each pass at
-    the throughput given (measured on this machine, or assumed by PLAN); returns the total seconds."""
+    the throughput given (measured on this machine, or assumed by PLAN), plus the n-gram hints at
+    ngram_rate tokens/s; returns the total seconds."""
     total = compile_s or 0.0
+    if h.ngram_order:
+        seconds = (n_targets + 1) / ngram_rate
+        total += seconds
+        log(f"eval_projection ngram_tilt tokens:{n_targets + 1} tokens_per_s:{ngram_rate:.3g} seconds:{seconds:.1f}")
     for name in eval_passes(h):
         windows, fwd, train = pass_flops(h, model, name, world, n_targets)
         seconds = fwd / eval_rate + train / train_rate
@@ -2976,15 +3101,18 @@ def timed(rt: Runtime, fn) -> float:
     return time.perf_counter() - t0
 
 
-def warm_eval_graphs(h: Settings, rt: Runtime, model: GPT, n_targets: int) -> tuple[float, float, float]:
+NGRAM_WARM_TOKENS = 1 << 22  # random tokens whose n-gram hints time the precompute before the clock
+
+
+def warm_eval_graphs(h: Settings, rt: Runtime, model: GPT, n_targets: int) -> tuple[float, float, float, float]:
     """Compile every evaluation graph the passes use (scoring, TTT training, SLOT's hidden states) on
     random tokens, never on validation tokens, then time one more call of each: (seconds of the
-    warm-up, forward FLOP/s, training FLOP/s) of this machine for the projection."""
+    warm-up, forward FLOP/s, training FLOP/s, n-gram hint tokens/s) of this machine for the projection."""
     t0 = time.perf_counter()
     g = torch.Generator().manual_seed(h.seed)
     rows, seq = eval_rows(h, rt.world_size, n_targets), h.eval_seq_len
-    # Inputs and targets are distinct tensors, as in the passes: dynamo guards on aliasing.
-    x, y = (torch.randint(0, h.vocab_size, (rows, seq), generator=g).to(rt.device) for _ in range(2))
+    # Inputs, targets and hints are distinct tensors, as in the passes: dynamo guards on aliasing.
+    x, y, hint = (torch.randint(0, h.vocab_size, (rows, seq), generator=g).to(rt.device) for _ in range(3))
     model.eval()
     passes = eval_passes(h)
 
@@ -2993,7 +3121,7 @@ def warm_eval_graphs(h: Settings, rt: Runtime, model: GPT, n_targets: int) -> tu
             if h.slot_steps and "sliding" in passes:
                 graph(h, _hidden)(model, x)
             if any(p != "sliding" or not h.slot_steps for p in passes):
-                graph(h, _eval_nll)(model, x, y)
+                graph(h, _eval_nll_hint)(model, x, y, hint) if h.ngram_order else graph(h, _eval_nll)(model, x, y)
 
     score()
     eval_rate = rows * seq * forward_flops(h, model, seq) / timed(rt, score)
@@ -3013,7 +3141,21 @@ def warm_eval_graphs(h: Settings, rt: Runtime, model: GPT, n_targets: int) -> tu
         model.eval()
         for p in model.parameters():
             p.grad = None
-    return time.perf_counter() - t0, eval_rate, train_rate
+    ngram_rate = 0.0
+    if h.ngram_order:
+        tokens = torch.randint(0, h.vocab_size, (min(n_targets + 1, NGRAM_WARM_TOKENS),), generator=g).to(rt.device)
+        ngram_rate = tokens.numel() / timed(rt, lambda: ngram_hints(h, tokens))
+    return time.perf_counter() - t0, eval_rate, train_rate, ngram_rate
+
+
+def ngram_tilt(h: Settings, rt: Runtime, val: ValData) -> torch.Tensor:
+    """The n-gram hints of all targets (-1: no tilt), computed on this rank's device inside the eval
+    timer, since they read the validation stream."""
+    t0 = time.perf_counter()
+    hints = ngram_hints(h, val.tokens.to(rt.device)).cpu()
+    log(f"ngram_tilt: order:{h.ngram_order} threshold:{h.ngram_threshold} boost:{h.ngram_boost} "
+        f"fired:{int((hints >= 0).sum())}/{hints.numel()} precompute_s:{time.perf_counter() - t0:.1f}")
+    return hints
 
 
 def final_evaluation(h: Settings, rt: Runtime, model: GPT, val: ValData, tag: str) -> None:
@@ -3023,26 +3165,27 @@ def final_evaluation(h: Settings, rt: Runtime, model: GPT, val: ValData, tag: st
     n_targets = val.tokens.numel() - 1
     model.looping = bool(h.num_loops)  # the trained model loops (training switched it on at LOOP_AT)
     frozen = h.ttt_epochs > 0 and len(ttt_parameters(h, model)) < len(list(model.parameters()))
-    warm_s, eval_rate, train_rate = warm_eval_graphs(h, rt, model, n_targets)
-    projected = log_eval_projection(h, model, rt.world_size, n_targets, eval_rate, train_rate, warm_s,
+    warm_s, eval_rate, train_rate, ngram_rate = warm_eval_graphs(h, rt, model, n_targets)
+    projected = log_eval_projection(h, model, rt.world_size, n_targets, eval_rate, train_rate, ngram_rate, warm_s,
                                     f"measured_tflops_per_rank:{eval_rate / 1e12:.4g}")
     if h.eval_max_seconds and projected > h.eval_max_seconds:
         log(f"warning: the evaluation is projected to take {projected:.0f}s, over EVAL_MAX_SECONDS="
             f"{h.eval_max_seconds:.0f}; raise EVAL_STRIDE or TTT_CHUNK_TOKENS, or lower TTT_EPOCHS or SLOT_STEPS")
     passes = eval_passes(h)
     t_start = time.perf_counter()
+    hints = ngram_tilt(h, rt, val) if h.ngram_order else None
     for name in passes:
         dump = h.eval_dump if name == passes[-1] else ""
         t0 = time.perf_counter()
         if name == "plain":
-            loss, bpb, tokens, nbytes = evaluate(h, rt, model, val, dump=dump)
+            loss, bpb, tokens, nbytes = evaluate(h, rt, model, val, dump=dump, hints=hints)
             log(f"final_{tag}_roundtrip val_loss:{loss:.4f} val_bpb:{bpb:.4f} "
                 f"eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
             log(f"final_{tag}_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} "
                 f"scored_tokens:{tokens} scored_bytes:{nbytes}")
         elif name == "sliding":
             loss, bpb, tokens, nbytes = evaluate(h, rt, model, val, stride=h.eval_stride, slot=h.slot_steps > 0,
-                                                 dump=dump)
+                                                 dump=dump, hints=hints)
             extra = f" slot_steps:{h.slot_steps} slot_context:{h.slot_context}" if h.slot_steps else ""
             log(f"final_{tag}_sliding_window val_loss:{loss:.4f} val_bpb:{bpb:.4f} stride:{h.eval_stride}{extra} "
                 f"eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
@@ -3052,7 +3195,7 @@ def final_evaluation(h: Settings, rt: Runtime, model: GPT, val: ValData, tag: st
             label = "legal_qttt" if h.ttt_params == "q" else "legal_ttt"
             log(f"ttt_sliding:start chunks={math.ceil(n_targets / h.ttt_chunk_tokens)} "
                 f"stride={h.eval_stride or h.eval_seq_len} epochs={h.ttt_epochs} lr={h.ttt_lr} params={h.ttt_params}")
-            loss, bpb, tokens, nbytes = evaluate_ttt(h, rt, model, val, dump=dump)
+            loss, bpb, tokens, nbytes = evaluate_ttt(h, rt, model, val, dump=dump, hints=hints)
             log(f"{label} val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
             log(f"{label}_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} scored_tokens:{tokens} scored_bytes:{nbytes}")
     for p in model.parameters():
@@ -3076,6 +3219,10 @@ H100_BF16_FLOPS = 989e12  # dense bf16 peak of one H100 SXM
 # The challenge's validation split (50,000 documents) in tokens of each dataset; CaseOps: the full stream
 # (frontier_facts.md 1.3). Others are projected at sp1024's count.
 OFFICIAL_VAL_TOKENS = {"./data/datasets/fineweb10B_sp1024": 62_021_632, CASEOPS["data_path"]: 47_853_344}
+# PLAN's rate for the n-gram hints, the slower of two measurements of ngram_hints on a shared 2-core CPU
+# (torch 2.13) over 47,851,520 synthetic tokens: 81.7 s with repeated spans, 36.9 s uniform random. A real
+# run measures its own device's rate before the clock; a GPU's is not known here.
+NGRAM_CPU_TOKENS_PER_S = 5.86e5
 
 
 def official_val_tokens(h: Settings) -> tuple[int, str]:
@@ -3120,7 +3267,7 @@ def plan(h: Settings) -> None:
         + f" steps:{int(steps)} tokens:{steps * h.train_batch_tokens:.3g}")
     rate = H100_BF16_FLOPS * h.plan_mfu
     n_val, dataset = official_val_tokens(h)
-    log_eval_projection(h, model, 8, n_val - 1, rate, rate, None,
+    log_eval_projection(h, model, 8, n_val - 1, rate, rate, NGRAM_CPU_TOKENS_PER_S, None,
                         f"8xH100_at_mfu:{h.plan_mfu} val_tokens:{n_val} ({dataset})")
 
 

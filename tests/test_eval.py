@@ -36,6 +36,9 @@ MODES = {  # name -> (settings, runner)
     "slot": (dict(eval_seq_len=64, eval_stride=16, slot_steps=3, slot_lr=0.05, slot_lr_end=0.01,
                   eval_batch_tokens=128), "slot"),
 }
+TILT = dict(ngram_order=3, ngram_threshold=0.5)  # fires on 105 of the 699 targets here
+MODES.update({f"{name}_ngram_tilt": ({**MODES[name][0], **TILT}, MODES[name][1])
+              for name in ("sliding", "ttt")})  # SLOT and plain windows score through the same code as these
 
 
 def run_mode(h, mode, val, dump=""):
@@ -49,11 +52,13 @@ def run_mode(h, mode, val, dump=""):
             rows[t] = row.clone()
 
     rt = tg.Runtime()
+    hints = tg.ngram_hints(h, val.tokens) if h.ngram_order else None  # from the (possibly changed) stream
     if mode == "ttt":
-        result = tg.evaluate_ttt(h, rt, model, val, dump=dump, on_scored=keep)
+        result = tg.evaluate_ttt(h, rt, model, val, dump=dump, on_scored=keep, hints=hints)
     else:
         stride = h.eval_stride if mode != "plain" else None
-        result = tg.evaluate(h, rt, model, val, stride=stride, slot=mode == "slot", dump=dump, on_scored=keep)
+        result = tg.evaluate(h, rt, model, val, stride=stride, slot=mode == "slot", dump=dump, on_scored=keep,
+                             hints=hints)
     return result, rows
 
 

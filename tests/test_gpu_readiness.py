@@ -243,7 +243,8 @@ def test_every_preset_evaluates_within_600s_of_8xh100(make_settings, preset, cap
     h = make_settings(PRESET=preset)
     model = tg.GPT(h)
     rate = tg.H100_BF16_FLOPS * h.plan_mfu
-    total = tg.log_eval_projection(h, model, 8, tg.official_val_tokens(h)[0] - 1, rate, rate, None, "test")
+    total = tg.log_eval_projection(h, model, 8, tg.official_val_tokens(h)[0] - 1, rate, rate, tg.NGRAM_CPU_TOKENS_PER_S,
+                                   None, "test")
     out = capsys.readouterr().out
     assert total <= 600 and "fits:True" in out
     assert [line.split()[1] for line in out.splitlines() if "pass:" in line] == [f"pass:{p}" for p in tg.eval_passes(h)]
@@ -290,7 +291,10 @@ def _bounded_graph_run(small_data, make_settings, monkeypatch, **env):
 GRAPH_MODES = {
     "ttt": dict(EVAL_STRIDE=32, TTT_EPOCHS=1, TTT_CHUNK_TOKENS=1000, TTT_SEQ_LEN=32, TTT_BATCH_SEQS=4),
     "slot": dict(EVAL_STRIDE=32, TTT_EPOCHS=0, SLOT_STEPS=2, EVAL_PASSES="plain"),
-    # The recurrence switch and context growth: 2 lengths x looping off/on, all compiled in the warm-up.
+    # the tilt's scoring graph replaces the frozen eval graph in every final pass
+    "ttt_ngram": dict(EVAL_STRIDE=32, TTT_EPOCHS=1, TTT_CHUNK_TOKENS=1000, TTT_SEQ_LEN=32, TTT_BATCH_SEQS=4,
+                      NGRAM_ORDER=3, EVAL_PASSES="plain"),
+    # The recurrence switch and context growth: 2 lengths x looping off/on, all compiled in the warm-up; the tilt.
     "frontier": dict(PRESET="frontier", VOCAB_SIZE=1024, NUM_LAYERS=4, LOOP_START=1, LOOP_END=2, PARALLEL_START=3,
                      TRAIN_SEQ_SCHEDULE="16@0.5,32@1", QAT_THRESHOLD=0, EVAL_STRIDE=32, TTT_EPOCHS=0),
 }
@@ -304,10 +308,14 @@ def test_a_full_compiled_run_compiles_only_the_listed_graphs(small_data, make_se
     assert f"compiled_graphs:{count} expected_at_most:{len(expected)}" in out
     assert "eval_projection total:" in out
     if mode == "frontier":
-        assert expected == ["train_16", "train_16_loop", "train_32", "train_32_loop", "eval", "eval_loop"]
+        assert expected == ["train_16", "train_16_loop", "train_32", "train_32_loop", "eval", "eval_loop",
+                            "eval_loop_ngram"]
         assert "looping:enabled step:3" in out and "train_seq_len:32 step:4" in out
     else:
         assert "qat:enabled" in out
+    if mode == "ttt_ngram":
+        assert "eval_ngram" in expected and "eval_frozen" not in expected
+        assert "eval_projection ngram_tilt tokens:4000 " in out and "ngram_tilt: order:3 threshold:0.8 " in out
 
 
 def test_ranks_decide_the_schedule_on_one_clock(small_data, tmp_path):
