@@ -2,6 +2,7 @@
 
   python3 bench/frontier.py                         # speed, FLOPs, then 3 seeds x 200 steps of each row
   BENCH_STEPS=100 BENCH_SEEDS=2 python3 bench/frontier.py
+  BENCH_SEEDS=0 python3 bench/frontier.py           # speed and FLOPs only (BENCH_ROUNDS=0: fixed steps only)
 
 1. Speed: median tokens/s of whole training steps (forward, backward, optimizers) of each row on this
    machine, the frontier both before and after its looping switch, interleaved over BENCH_ROUNDS rounds.
@@ -105,31 +106,45 @@ def main() -> None:
             for row, (preset, looping) in speed_rows.items():
                 speeds[row].append(step_speed(tg, settings(tg, preset, data_path=data), looping, speed_steps))
         h = settings(tg, "caseops,smoke", data_path=data)
-        print(f"\n### Training speed (batch {h.train_batch_tokens} tokens x {h.train_seq_len}, {rounds} rounds)\n")
-        print("| row | params | tokens/s (median) | vs defaults |\n|---|---|---|---|")
-        ref = statistics.median(speeds["smoke (defaults)"])
-        for row, (preset, _) in speed_rows.items():
-            n = sum(p.numel() for p in tg.GPT(settings(tg, preset, data_path=data)).parameters())
-            med = statistics.median(speeds[row])
-            print(f"| {row} | {n:,} | {med:,.0f} | {med / ref - 1:+.1%} |")
-        print("\n### Forward FLOPs per token (analytic, `forward_flops`, at TRAIN_SEQ_LEN)\n")
-        print("| preset | params | not looping | looping |\n|---|---|---|---|")
-        for preset in ("caseops,smoke", "frontier,smoke", "caseops", "frontier"):
-            h = settings(tg, preset, data_path=data)
-            model = tg.GPT(h)
-            flops = [tg.forward_flops(h, model, h.train_seq_len, looping=loop) for loop in (False, True)]
-            loop = f"{flops[1]:.4g}" if h.num_loops else "-"
-            print(f"| {preset} | {sum(p.numel() for p in model.parameters()):,} | {flops[0]:.4g} | {loop} |")
-        print(f"\n### Fixed steps: {steps} steps, val_bpb before export on {cut:,} val tokens, seeds 1337..\n")
-        results: dict[str, list[float]] = {row: [] for row in ROWS}
-        for seed in range(1337, 1337 + seeds):
-            for row, preset in ROWS.items():
-                results[row].append(fixed_steps(preset, seed, steps, data, Path(tmp) / "logs"))
-                print(f"  {row} seed {seed}: {results[row][-1]:.4f}", flush=True)
-        print("\n| row | val_bpb per seed | mean | std |\n|---|---|---|---|")
-        for row, values in results.items():
-            std = statistics.stdev(values) if len(values) > 1 else float("nan")
-            print(f"| {row} | {', '.join(f'{v:.4f}' for v in values)} | {np.mean(values):.4f} | {std:.4f} |")
+        if rounds:
+            speed_table(tg, speeds, speed_rows, data, h, rounds)
+        flops_table(tg, data)
+        if seeds:
+            fixed_table(steps, seeds, cut, data, Path(tmp) / "logs")
+
+
+def speed_table(tg, speeds, speed_rows, data, h, rounds) -> None:
+    print(f"\n### Training speed (batch {h.train_batch_tokens} tokens x {h.train_seq_len}, {rounds} rounds)\n")
+    print("| row | params | tokens/s (median) | vs defaults |\n|---|---|---|---|")
+    ref = statistics.median(speeds["smoke (defaults)"])
+    for row, (preset, _) in speed_rows.items():
+        n = sum(p.numel() for p in tg.GPT(settings(tg, preset, data_path=data)).parameters())
+        med = statistics.median(speeds[row])
+        print(f"| {row} | {n:,} | {med:,.0f} | {med / ref - 1:+.1%} |")
+
+
+def flops_table(tg, data) -> None:
+    print("\n### Forward FLOPs per token (analytic, `forward_flops`, at TRAIN_SEQ_LEN)\n")
+    print("| preset | params | not looping | looping |\n|---|---|---|---|")
+    for preset in ("caseops,smoke", "frontier,smoke", "caseops", "frontier"):
+        h = settings(tg, preset, data_path=data)
+        model = tg.GPT(h)
+        flops = [tg.forward_flops(h, model, h.train_seq_len, looping=loop) for loop in (False, True)]
+        loop = f"{flops[1]:.4g}" if h.num_loops else "-"
+        print(f"| {preset} | {sum(p.numel() for p in model.parameters()):,} | {flops[0]:.4g} | {loop} |")
+
+
+def fixed_table(steps, seeds, cut, data, logs) -> None:
+    print(f"\n### Fixed steps: {steps} steps, val_bpb before export on {cut:,} val tokens, seeds 1337..\n")
+    results: dict[str, list[float]] = {row: [] for row in ROWS}
+    for seed in range(1337, 1337 + seeds):
+        for row, preset in ROWS.items():
+            results[row].append(fixed_steps(preset, seed, steps, data, logs))
+            print(f"  {row} seed {seed}: {results[row][-1]:.4f}", flush=True)
+    print("\n| row | val_bpb per seed | mean | std |\n|---|---|---|---|")
+    for row, values in results.items():
+        std = statistics.stdev(values) if len(values) > 1 else float("nan")
+        print(f"| {row} | {', '.join(f'{v:.4f}' for v in values)} | {np.mean(values):.4f} | {std:.4f} |")
 
 
 if __name__ == "__main__":
