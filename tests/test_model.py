@@ -96,12 +96,19 @@ def test_schedules(make_settings):
     assert tg.muon_momentum_at(h, 5000) == pytest.approx(0.95)
 
 
-@pytest.mark.parametrize("extra", [{}, dict(attn_gate=1, value_residual=1, num_kv_heads=4, xsa_last_n=1)])
-def test_kv_cache_decoding_equals_the_full_forward(tiny, extra):
+# The frontier's model at tiny size: looped layers (a cache per pass), lanes, windowed SmearGate, gates.
+FRONTIER_TINY = dict(preset="frontier", vocab_size=1024, num_layers=4, loop_start=1, loop_end=2, parallel_start=3,
+                     smear_doc_reset=1)
+
+
+@pytest.mark.parametrize("extra,looping", [({}, False), (dict(attn_gate=1, value_residual=1, num_kv_heads=4, xsa_last_n=1),
+                                                          False), (FRONTIER_TINY, True)])
+def test_kv_cache_decoding_equals_the_full_forward(tiny, extra, looping):
     """Token-by-token decoding (self-generated calibration) gives the full forward's logits, BOS resets included."""
     h = tiny(**extra)
     torch.manual_seed(0)
     model = tg.GPT(h)
+    model.looping = looping
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.05)
     model.eval()
