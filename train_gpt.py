@@ -387,7 +387,7 @@ PRESETS: dict[str, dict] = {
                      xsa_last_n=0, ve_dim=0, ln_scale=False, ortho_init=False, train_seq_len=1024,
                      eval_seq_len=1024, train_batch_tokens=524288, tied_embed_lr=0.05, matrix_lr=0.04,
                      scalar_lr=0.04, muon_momentum=0.95, muon_momentum_warmup_start=0.85,
-                     muon_momentum_warmup_steps=500, muon_wd=0.0, adam_wd=0.0, grad_clip_norm=0.0,
+                     muon_momentum_warmup_steps=500, muon_wd=0.0, adam_wd=0.0, embed_wd=0.0, grad_clip_norm=0.0,
                      warmdown_iters=1200, ema_decay=0.0, swa_every=0, final_weights="live", qat_threshold=0.0,
                      quant_bits_mlp=8, quant_bits_attn=8, quant_bits_embed=8, quant_method="rtn",
                      quant_clip_mlp="pct", quant_clip_attn="pct", quant_clip_embed="pct",
