@@ -2531,8 +2531,8 @@ def encode_group(role: str, names: list[str], q: Quantized, codecs, prev: dict) 
         table[order] = enc["sizes"]
         if order == "nn":
             out.append(prev.get((role, "perm")) or perm_stream(role, perms, codecs))
-            table["perm"] = len(out[1]["data"])
-        if best is None or sum(len(s["data"]) for s in out) < sum(len(s["data"]) for s in best):
+            table["perm"] = out[1]["cost"]
+        if best is None or sum(s["cost"] for s in out) < sum(s["cost"] for s in best):
             best = out
     best[0]["table"] = table
     return best
