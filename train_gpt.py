@@ -2360,6 +2360,7 @@ def lrzip(data: bytes, args: list[str]) -> bytes:
 
 
 def stream_codecs(h: Settings) -> tuple[str, ...]:
+    """The codecs COMPRESSOR lets each stream try."""
     if h.compressor == "pergroup":
         return CODECS + (("lrzip",) if shutil.which("lrzip") else ())
     return CODECS if h.compressor == "hybrid" else (h.compressor,)
