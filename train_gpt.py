@@ -196,6 +196,8 @@ class Settings:
     lqer_top_k: int = 0  # LQER: the K tensors with the largest quantization error get a low-rank correction; 0 = off
     lqer_rank: int = 4
     lqer_group: int = 32  # INT4 group of the B factor (PR #2135: 32, PR #1855: 64)
+    awq_top_k: int = 0  # AWQ-lite (PR #1908: 1): the K most salient column groups (one per matrix) at int8; 0 = off
+    awq_group: int = 64
     gptq_block_size: int = 128
     gptq_damp: float = 0.01  # of the mean Hessian diagonal
     calib_source: str = "selfgen"  # selfgen: tokens the trained model samples | train: inside GPTQ_RESERVE_SECONDS
@@ -232,7 +234,7 @@ class Settings:
                     "ttt_chunk_tokens", "ttt_seq_len", "ttt_batch_seqs",
                     "eval_batch_tokens", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult",
                     "rope_base", "muon_backend_steps", "doc_mask_max_docs", "size_limit", "train_log_every", "gptq_block_size",
-                    "calib_seqs", "calib_len", "calib_temp", "clip_std_k", "lqer_rank", "lqer_group")
+                    "calib_seqs", "calib_len", "calib_temp", "clip_std_k", "lqer_rank", "lqer_group", "awq_group")
         non_negative = ("max_wallclock_seconds", "gptq_reserve_seconds", "checkpoint_every_seconds",
                         "eval_stride", "eval_max_seconds", "ttt_epochs", "ttt_lr", "ttt_wd", "ttt_grad_clip",
                         "slot_steps", "slot_lr", "slot_lr_end", "ttt_momentum", "lr_warmup_steps", "swa_every",
@@ -240,7 +242,7 @@ class Settings:
                         "bigram_buckets", "bigram_dim", "xsa_last_n", "ve_dim",
                         "val_loss_every", "logit_softcap", "ttt_blocks", "qat_table_bits", "tied_embed_init_std", "tied_embed_lr", "matrix_lr",
                         "scalar_lr", "muon_momentum_warmup_steps", "muon_wd", "adam_wd", "adam_eps",
-                        "grad_clip_norm", "quant_min_numel", "gptq_damp", "focal_gamma", "lqer_top_k")
+                        "grad_clip_norm", "quant_min_numel", "gptq_damp", "focal_gamma", "lqer_top_k", "awq_top_k")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise SettingsError(f"{name.upper()}={getattr(self, name)} must be > 0")
@@ -2158,22 +2160,27 @@ def clip_candidates(h: Settings, w: torch.Tensor, rule: str) -> torch.Tensor:
 
 
 def gptq_quantize(w: torch.Tensor, H: torch.Tensor | None, bits: int, clips: torch.Tensor, block: int = 128,
-                  damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  damp: float = 0.01, hi: slice | None = None) -> tuple[torch.Tensor, ...]:
     """Quantize w (rows, cols) to per-row int grids, for every candidate clip at once (rows are
     independent under GPTQ, so the candidates are stacked as extra rows), and keep per row the
     candidate with the least error (w-q) H (w-q)^T. H=None is round-to-nearest with plain MSE.
 
     GPTQ (Frantar et al.): columns in descending diag(H) order, Cholesky factor of H^-1, each column's
-    rounding error pushed onto the columns not yet quantized, in blocks. Returns (codes int8,
-    fp16 scales, per-row error)."""
+    rounding error pushed onto the columns not yet quantized, in blocks. The columns `hi` (AWQ-lite)
+    use an int8 grid with the same clip. Returns (codes int8, fp16 scales, per-row error, fp16 scales of
+    the hi columns or None)."""
     qmax = 2 ** (bits - 1) - 1
     W = w.float()
     rows, cols = W.shape
-    scale = row_scales(clips.float(), bits)  # (C, rows)
-    s = scale.float().reshape(-1, 1)
+    scale, scale_hi = row_scales(clips.float(), bits), row_scales(clips.float(), 8)  # (C, rows)
+    s, s_hi = scale.float().reshape(-1, 1), scale_hi.float().reshape(-1, 1)
+    is_hi = torch.zeros(cols, dtype=torch.bool, device=W.device)
+    if hi is not None:
+        is_hi[hi] = True
     Wc = W.repeat(clips.size(0), 1)
     if H is None:
         Q = torch.clamp(torch.round(Wc / s), -qmax, qmax)
+        Q[:, is_hi] = torch.clamp(torch.round(Wc[:, is_hi] / s_hi), -127, 127)
     else:
         Hd = H.float().clone()
         dead = Hd.diagonal() == 0  # inputs never seen: any value works, zero compresses best
@@ -2188,31 +2195,32 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor | None, bits: int, clips: tor
                 break
         else:
             raise ArtifactError("GPTQ: the Hessian stays singular even with damping 1.0; use QUANT_METHOD=rtn")
-        Wc, Q = Wc[:, perm], torch.zeros_like(Wc)
+        Wc, Q, hi_cols = Wc[:, perm], torch.zeros_like(Wc), is_hi[perm].tolist()
         for i1 in range(0, cols, block):
             i2 = min(i1 + block, cols)
             Wb, Hb = Wc[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
             Err = torch.zeros_like(Wb)
             for j in range(i2 - i1):
-                q = torch.clamp(torch.round(Wb[:, j:j + 1] / s), -qmax, qmax)
+                step, lim = (s_hi, 127) if hi_cols[i1 + j] else (s, qmax)
+                q = torch.clamp(torch.round(Wb[:, j:j + 1] / step), -lim, lim)
                 Q[:, i1 + j] = q[:, 0]
-                err = (Wb[:, j:j + 1] - q * s) / Hb[j, j]
+                err = (Wb[:, j:j + 1] - q * step) / Hb[j, j]
                 Wb[:, j:] -= err * Hb[j:j + 1, j:]
                 Err[:, j:j + 1] = err
             Wc[:, i2:] -= Err @ Hinv[i1:i2, i2:]
         Q = Q[:, torch.argsort(perm)]
-    D = W.repeat(clips.size(0), 1) - Q * s
+    D = W.repeat(clips.size(0), 1) - Q * torch.where(is_hi, s_hi, s)
     err = ((D @ H.float()) * D).sum(1) if H is not None else D.square().sum(1)
     best = err.view(-1, rows).argmin(dim=0)
     pick = best * rows + torch.arange(rows, device=W.device)
-    return Q[pick].to(torch.int8), scale.reshape(-1)[pick], err[pick]
+    return Q[pick].to(torch.int8), scale.reshape(-1)[pick], err[pick], scale_hi.reshape(-1)[pick] if hi is not None else None
 
 
 # -----------------------------------------------------------------------------
 # ARTIFACT: CODES, PRUNING TO FIT, PER-STREAM COMPRESSION (ZSTD / LZMA / BROTLI / RANS), NO PICKLE
 # -----------------------------------------------------------------------------
 
-ARTIFACT_MAGIC = b"PGOLF\x03"  # 3: LQER and pergroup streams, which a reader of 2 would skip
+ARTIFACT_MAGIC = b"PGOLF\x03"  # 3: LQER, AWQ and pergroup streams, which a reader of 2 would skip
 LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9}]
 SIZE_MARGIN = 1000  # bytes kept free under SIZE_LIMIT when TARGET_BYTES=0
 
@@ -2247,6 +2255,7 @@ class Quantized:
     col_weight: dict[str, torch.Tensor]  # diag(H)/mean(diag(H)) per column (ones without a Hessian)
     stats: dict[str, dict]
     lqer: dict[str, dict] = dataclasses.field(default_factory=dict)  # low-rank corrections (lqer_factors)
+    awq: dict[str, dict] = dataclasses.field(default_factory=dict)  # int8 column group: start, codes, scale
 
 
 @contextlib.contextmanager
@@ -2265,6 +2274,7 @@ def quantize_model(h: Settings, state: dict[str, torch.Tensor], hessians: dict[s
     """Every tensor of export_bits through gptq_quantize (round-to-nearest without a Hessian)."""
     bits = export_bits(h, state)
     q = Quantized({}, {}, bits, {}, {}, {}, {})
+    salient = awq_groups(h, state, bits, hessians)
     for name, t in state.items():
         q.dtypes[name] = str(t.dtype).removeprefix("torch.")
         if name not in bits:
@@ -2277,9 +2287,13 @@ def quantize_model(h: Settings, state: dict[str, torch.Tensor], hessians: dict[s
         H = hessians.get(name) if h.quant_method == "gptq" and not small else None
         H = H.to(w.device, torch.float32) if H is not None else None
         rule = "absmax" if small else getattr(h, f"quant_clip_{tensor_group(name)}")  # QUANT_CLIP_MLP / _ATTN / _EMBED
-        codes, scale, err = gptq_quantize(w, H, bits[name], clip_candidates(h, w, rule), h.gptq_block_size,
-                                          h.gptq_damp)
-        delta = w - codes.float() * scale.float()[:, None]
+        hi = slice(salient[name], salient[name] + h.awq_group) if name in salient else None
+        codes, scale, err, scale_hi = gptq_quantize(w, H, bits[name], clip_candidates(h, w, rule), h.gptq_block_size,
+                                                    h.gptq_damp, hi)
+        if hi is not None:  # the int8 columns get their own stream; the main codes keep the bits' range
+            q.awq[name] = dict(start=hi.start, codes=codes[:, hi].cpu().clone(), scale=scale_hi.cpu())
+            codes[:, hi] = 0
+        delta = w - dequantize(codes, scale, awq=q.awq.get(name)).to(w.device)
         q.codes[name], q.scales[name] = codes.cpu(), scale.cpu()
         diag = H.diagonal().float() if H is not None else torch.ones(w.size(1), device=w.device)
         q.col_weight[name] = (diag / diag.mean().clamp_min(1e-30)).cpu()
@@ -2290,12 +2304,33 @@ def quantize_model(h: Settings, state: dict[str, torch.Tensor], hessians: dict[s
     return q
 
 
+def awq_groups(h: Settings, state: dict[str, torch.Tensor], bits: dict[str, int],
+               hessians: dict[str, torch.Tensor]) -> dict[str, int]:
+    """AWQ-lite (PR #1908): every contiguous AWQ_GROUP-column group of the matrices GPTQ quantizes below
+    8 bits, scored by sum_c rms_c mean_r |W_rc| (rms_c = sqrt(H_cc), the input channel's RMS); the
+    AWQ_TOP_K best, at most one per matrix: {name: first column}."""
+    g, scored = h.awq_group, []
+    for name, b in bits.items():
+        H, w = hessians.get(name), state[name]
+        if b < 8 and H is not None and h.quant_method == "gptq" and w.numel() > h.quant_min_numel:
+            n = w.size(1) // g
+            rms = H.diagonal().float().clamp_min(0).sqrt().cpu()
+            salience = (rms * w.detach().float().abs().mean(dim=0).cpu())[:n * g].view(n, g).sum(1)
+            scored += [(float(v), name, i * g) for i, v in enumerate(salience)]
+    chosen: dict[str, int] = {}
+    for score, name, start in sorted(scored, reverse=True):
+        if len(chosen) < h.awq_top_k and name not in chosen:
+            chosen[name] = start
+            log(f"awq:{name} start:{start} group:{g} salience:{score:.4e}")
+    return chosen
+
+
 def add_lqer(h: Settings, q: Quantized, state: dict[str, torch.Tensor]) -> None:
     """LQER: the LQER_TOP_K matrices with the largest ||W - Q s||_F (the int8 small tensors aside) get a
     rank-LQER_RANK correction A B from the SVD of their error, A = U S, B = V^T, stored quantized."""
     ranked = sorted((n for n in q.codes if q.codes[n].numel() > h.quant_min_numel), key=lambda n: -q.stats[n]["mse"])
     for name in ranked[:h.lqer_top_k]:
-        err = state[name].detach().float().cpu() - dequantize(q.codes[name], q.scales[name])
+        err = state[name].detach().float().cpu() - dequantize(q.codes[name], q.scales[name], awq=q.awq.get(name))
         U, S, Vh = torch.linalg.svd(err, full_matrices=False)
         r = min(h.lqer_rank, S.numel())
         q.lqer[name] = lqer_factors(U[:, :r] * S[:r], Vh[:r], h.lqer_group)
@@ -2327,9 +2362,13 @@ def lqer_product(f: dict) -> torch.Tensor:
     return a @ b
 
 
-def dequantize(codes: torch.Tensor, scale: torch.Tensor, lqer: dict | None = None) -> torch.Tensor:
-    """W^ = Q s (+ the LQER correction), fp32: one rule for the exporter and the loader."""
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, lqer: dict | None = None,
+               awq: dict | None = None) -> torch.Tensor:
+    """W^ = Q s (the AWQ columns: their int8 codes and scales) + the LQER correction, fp32: one rule for
+    the exporter and the loader."""
     w = codes.float() * scale.float()[:, None]
+    if awq:
+        w[:, awq["start"]:awq["start"] + awq["codes"].size(1)] = awq["codes"].float() * awq["scale"].float()[:, None]
     return w + lqer_product(lqer) if lqer else w
 
 
@@ -2409,7 +2448,7 @@ def rans_model(counts: np.ndarray):
 
 def stream_specs(q: Quantized, grouped: bool) -> list[tuple[str, str, np.ndarray, int]]:
     """(tensor, part, data, bits): codes (unless grouped: encode_group has them) and scales of each
-    quantized tensor, each LQER correction's codes and scales, then one raw stream."""
+    quantized tensor, each LQER correction's and AWQ column group's codes and scales, then one raw stream."""
     specs = []
     for name, codes in q.codes.items():
         if not grouped:
@@ -2418,6 +2457,8 @@ def stream_specs(q: Quantized, grouped: bool) -> list[tuple[str, str, np.ndarray
     for name, f in q.lqer.items():
         data = b"".join(f[k].numpy().tobytes() for k in ("a", "sa", "b", "sb"))
         specs.append((name, "lqer", np.frombuffer(data, np.uint8), 8))
+    for name, a in q.awq.items():
+        specs.append((name, "awq", np.frombuffer(a["codes"].numpy().tobytes() + a["scale"].numpy().tobytes(), np.uint8), 8))
     raw = b"".join(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() for t in q.raw.values())
     specs.append(("", "raw", np.frombuffer(raw, np.uint8), 8))
     return specs
@@ -2547,9 +2588,10 @@ def pack_artifact(q: Quantized, streams: list[dict]) -> bytes:
     tensors, offset = [], 0
     for name, dtype in q.dtypes.items():
         if name in q.codes:
-            lqer = q.lqer.get(name)
+            lqer, awq = q.lqer.get(name), q.awq.get(name)
             tensors.append(dict(name=name, shape=list(q.codes[name].shape), dtype=dtype, bits=q.bits[name],
-                                **({"lqer": [lqer["a"].size(1), lqer["group"], lqer["sa"].numel()]} if lqer else {})))
+                                **({"lqer": [lqer["a"].size(1), lqer["group"], lqer["sa"].numel()]} if lqer else {}),
+                                **({"awq": [awq["start"], awq["codes"].size(1)]} if awq else {})))
         else:
             t = q.raw[name]
             nbytes = t.numel() * t.element_size()
@@ -2614,7 +2656,8 @@ def deserialize_artifact(blob: bytes) -> dict[str, torch.Tensor]:
                 c = codes[name] if name in codes else torch.from_numpy(arrays[(name, "codes")].copy()).view(t["shape"])
                 scale = torch.from_numpy(arrays[(name, "scale")].copy()).view(torch.float16)
                 lqer = read_lqer(arrays[(name, "lqer")], t["shape"], t["lqer"]) if "lqer" in t else None
-                state[name] = dequantize(c, scale, lqer).to(dtype)
+                awq = read_awq(arrays[(name, "awq")], t["shape"][0], t["awq"]) if "awq" in t else None
+                state[name] = dequantize(c, scale, lqer, awq).to(dtype)
             else:
                 data = bytearray(raw[t["offset"]:t["offset"] + t["nbytes"]])
                 stored = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
@@ -2652,6 +2695,13 @@ def read_lqer(data: np.ndarray, shape: list[int], spec: list[int]) -> dict:
         at += nbytes
     f["a"], f["b"] = f["a"].view(rows, rank), f["b"].view(rank, cols)
     return f
+
+
+def read_awq(data: np.ndarray, rows: int, spec: list[int]) -> dict:
+    """An AWQ stream (int8 codes of the column group, then fp16 row scales) back into q.awq's dict."""
+    (start, g), n = spec, rows * spec[1]
+    return dict(start=start, codes=torch.from_numpy(data[:n].view(np.int8).copy()).view(rows, g),
+                scale=torch.from_numpy(data[n:n + 2 * rows].copy().view(np.float16)))
 
 
 @dataclasses.dataclass

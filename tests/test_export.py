@@ -34,7 +34,7 @@ def reference_model(h, model, q):
     """The model with exactly the weights the exporter means (incl. LQER), built without the container."""
     ref = tg.GPT(h)
     state = {n: t.half().to(t.dtype) if t.is_floating_point() else t for n, t in model.state_dict().items()}
-    state.update({n: tg.dequantize(c, q.scales[n], q.lqer.get(n)) for n, c in q.codes.items()})
+    state.update({n: tg.dequantize(c, q.scales[n], q.lqer.get(n), q.awq.get(n)) for n, c in q.codes.items()})
     ref.load_state_dict(state)
     return ref
 
@@ -67,6 +67,8 @@ def test_sdclip_uses_each_groups_k_and_the_records_ranges(model_of):
     (dict(lqer_group=0), "LQER_GROUP=0 must be > 0"),
     (dict(lqer_top_k=-1), "LQER_TOP_K=-1 must be >= 0"),
     (dict(compressor="zpaq"), "COMPRESSOR='zpaq' must be one of"),
+    (dict(awq_top_k=-1), "AWQ_TOP_K=-1 must be >= 0"),
+    (dict(awq_group=0), "AWQ_GROUP=0 must be > 0"),
 ])
 def test_bad_export_settings_fail_with_one_line(tiny, env, message):
     with pytest.raises(tg.SettingsError, match=message) as e:
@@ -224,3 +226,30 @@ def test_damaged_pergroup_artifacts_are_refused(model_of, tmp_path, monkeypatch,
     (tmp_path / "m.ptz").write_bytes(damage(tg.pack_artifact(q, tg.encode_all(h, q))))
     with pytest.raises(tg.ArtifactError, match="corrupt or truncated"):
         tg.load_artifact_into(tg.GPT(h), tmp_path / "m.ptz")
+
+
+def test_awq_stores_the_most_salient_column_group_at_int8(tiny):
+    h = tiny(quant_min_numel=0, awq_top_k=1, awq_group=64, quant_bits_attn=4, quant_bits_mlp=4,
+             quant_clip_attn="absmax", quant_clip_mlp="absmax")
+    torch.manual_seed(0)
+    state = {"blocks.0.mlp.fc.weight": torch.randn(32, 128), "blocks.0.attn.c_q.weight": torch.randn(32, 128)}
+    loud = torch.ones(128)
+    loud[64:] = 100.0  # the attention input's second half has 10x the RMS
+    hessians = {"blocks.0.mlp.fc.weight": torch.eye(128), "blocks.0.attn.c_q.weight": torch.diag(loud)}
+    q = tg.quantize_model(h, state, hessians)
+    assert list(q.awq) == ["blocks.0.attn.c_q.weight"] and q.awq["blocks.0.attn.c_q.weight"]["start"] == 64
+    a, w = q.awq["blocks.0.attn.c_q.weight"], state["blocks.0.attn.c_q.weight"]
+    assert (q.codes["blocks.0.attn.c_q.weight"][:, 64:] == 0).all() and a["codes"].abs().max() > 7
+    assert torch.equal(a["scale"], (w.abs().amax(1) / 127).to(torch.float16))
+    h.awq_top_k = 0
+    plain = tg.quantize_model(h, state, hessians)
+    assert q.stats["blocks.0.attn.c_q.weight"]["herr"] < plain.stats["blocks.0.attn.c_q.weight"]["herr"]
+
+
+def test_awq_with_lqer_round_trips_exactly(model_of, tmp_path):
+    h, model = model_of(quant_method="gptq", awq_top_k=2, lqer_top_k=2, compressor="rans")
+    state = model.state_dict()
+    names = tg.export_bits(h, state)
+    q = tg.quantize_model(h, state, {n: torch.eye(state[n].size(1)) for n in names})
+    assert len(q.awq) == 2 and len(q.lqer) == 2
+    assert_round_trip(h, model, q, tmp_path / "m.ptz")
