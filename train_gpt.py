@@ -28,9 +28,11 @@ import lzma
 import math
 import os
 import platform
+import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -208,21 +210,28 @@ class Settings:
     qat_table_bits: int = 0  # also fake-quantize bigram.proj and ve.proj at these bits; 0 = not
     # export: quantization of every matrix over QUANT_MIN_NUMEL elements, then compression
     quant_method: str = "gptq"  # gptq: full-Hessian error compensation | rtn: round to nearest
-    # Per-row clip: absmax | pct | std | auto (see clip_candidates). pct measured best at int4-6 (bench/quant.py).
+    # Per-row clip: absmax | pct | std | std:K | auto (see clip_candidates). pct measured best at int4-6
+    # (bench/quant.py); the frontier records' SDClip: std:11.5 (mlp), std:13 (attn), std:14 (embed).
     quant_clip_mlp: str = "pct"
     quant_clip_attn: str = "pct"
     quant_clip_embed: str = "pct"
     clip_percentiles: str = "0.999,0.9995,0.9999,0.99999,1"  # pct: candidates, the best per row kept
-    clip_std_k: float = 12.85  # std: clip at k standard deviations of the row (PR #1493's SDClip)
+    clip_std_k: float = 12.85  # std: clip at k standard deviations of the row (PR #1493's SDClip); std:K overrides
     clip_sigmas: str = "2.5,3,3.5,4,5,6,8,12"  # auto: k*std candidates plus the absmax, the best per row kept
     quant_min_numel: int = 65536  # smaller tensors are stored as fp16
+    quant_int8_names: str = ""  # smaller 2-D tensors whose name contains one of these: int8 per row (PR #1855's gate)
+    lqer_top_k: int = 0  # LQER: the K tensors with the largest quantization error get a low-rank correction; 0 = off
+    lqer_rank: int = 4
+    lqer_group: int = 32  # INT4 group of the B factor (PR #2135: 32, PR #1855: 64)
+    awq_top_k: int = 0  # AWQ-lite (PR #1908: 1): the K most salient column groups (one per matrix) at int8; 0 = off
+    awq_group: int = 64
     gptq_block_size: int = 128
     gptq_damp: float = 0.01  # of the mean Hessian diagonal
     calib_source: str = "selfgen"  # selfgen: tokens the trained model samples | train: inside GPTQ_RESERVE_SECONDS
     calib_seqs: int = 64
     calib_len: int = 2048  # selfgen sequence length (train: TRAIN_SEQ_LEN)
     calib_temp: float = 0.8
-    compressor: str = "hybrid"  # zstd | lzma | brotli | rans | hybrid (the smallest per stream)
+    compressor: str = "hybrid"  # zstd | lzma | brotli | rans | hybrid (the smallest per stream) | pergroup
     target_bytes: int = 0  # model bytes to prune down to (cheapest +-1 codes); 0: SIZE_LIMIT-code-1000; -1: off
     prune_fraction: float = 0.0  # or always zero this fraction of the quantized weights (cheapest +-1 first)
     prune_magnitude: float = 0.0  # zero each quantized matrix's smallest |w| (this fraction) before GPTQ (PR #585)
@@ -252,7 +261,7 @@ class Settings:
                     "ttt_chunk_tokens", "ttt_seq_len", "ttt_batch_seqs",
                     "eval_batch_tokens", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult",
                     "rope_base", "muon_backend_steps", "doc_mask_max_docs", "size_limit", "train_log_every", "gptq_block_size",
-                    "calib_seqs", "calib_len", "calib_temp", "clip_std_k")
+                    "calib_seqs", "calib_len", "calib_temp", "clip_std_k", "lqer_rank", "lqer_group", "awq_group")
         non_negative = ("max_wallclock_seconds", "gptq_reserve_seconds", "checkpoint_every_seconds",
                         "eval_stride", "eval_max_seconds", "ttt_epochs", "ttt_lr", "ttt_wd", "ttt_grad_clip",
                         "slot_steps", "slot_lr", "slot_lr_end", "ttt_momentum", "lr_warmup_steps", "swa_every",
@@ -262,7 +271,7 @@ class Settings:
                         "scalar_lr", "muon_momentum_warmup_steps", "muon_wd", "adam_wd", "adam_eps",
                         "grad_clip_norm", "quant_min_numel", "gptq_damp", "focal_gamma", "num_loops",
                         "parallel_start", "sparse_gate_window", "sparse_gate_scale", "smear_window",
-                        "seq_change_warmup_steps", "embed_wd")
+                        "seq_change_warmup_steps", "embed_wd", "lqer_top_k", "awq_top_k")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise SettingsError(f"{name.upper()}={getattr(self, name)} must be > 0")
@@ -301,12 +310,13 @@ class Settings:
                               ("data_order", ("stream", "coprime")), ("ttt_optimizer", ("adamw", "sgd")),
                               ("ttt_params", ("all", "q")), ("quant_method", ("gptq", "rtn")),
                               ("table_dtype", ("fp32", "bf16")), ("muon_ns", ("quintic", "polar")),
-                              ("quant_clip_mlp", CLIP_RULES), ("quant_clip_attn", CLIP_RULES),
-                              ("quant_clip_embed", CLIP_RULES), ("calib_source", ("selfgen", "train")),
-                              ("compressor", ("zstd", "lzma", "brotli", "rans", "hybrid")),
+                              ("calib_source", ("selfgen", "train")),
+                              ("compressor", ("zstd", "lzma", "brotli", "rans", "hybrid", "pergroup")),
                               ("final_weights", ("live", "ema", "swa", "blend"))):
             if getattr(self, name) not in choices:
                 raise SettingsError(f"{name.upper()}={getattr(self, name)!r} must be one of: {', '.join(choices)}")
+        for name in ("quant_clip_mlp", "quant_clip_attn", "quant_clip_embed"):
+            parse_clip_rule(name, getattr(self, name))
         head_dim = self.model_dim // self.num_heads
         if self.rope_dims % 2 or self.rope_dims > head_dim:
             raise SettingsError(f"ROPE_DIMS={self.rope_dims} must be even and at most the head dim {head_dim}")
@@ -473,15 +483,17 @@ PRESETS: dict[str, dict] = {
     # budget, parallel lanes from layer 8, AsymLogit; no BigramHash, VE or QAT. Muon with Polar Express and
     # MuonEq-R (lr 0.028, momentum 0.97 from 0.92 over 1,500 steps, wd 0.095), AdamW embed lr 0.03 wd 0.085
     # and scalars lr 0.02 wd 0.02, betas (0.9, 0.99); warmdown over 85% of the budget floored at 0.1, clip 0.3,
-    # EMA 0.9965, doc-masked 2,048-token training; GPTQ int6 / int7 embeddings with SDClip, Hessians from
-    # 12,288 training sequences inside the budget (the record kept 0.5 s for 6.9 s of Hessians; we keep 8).
+    # EMA 0.9965, doc-masked 2,048-token training. Export: GPTQ int6 / int7 embeddings with SDClip (k 11.5 MLP,
+    # 13 attention, 14 embeddings), Hessians from 12,288 training sequences inside the budget (the record kept
+    # 0.5 s for 6.9 s of Hessians; we keep 8), LQER on the 3 worst tensors (rank 4, int2/int4 factors, groups
+    # of 32), gates fp16, per-group compression (lrzip ZPAQ where installed; the record: lrzip always).
     # Differences, by what it computes: its SmearGate runs across BOS (SMEAR_DOC_RESET=1 gives the "BOS fix"
     # its README claims); its AsymLogit scales are never trained (ours learn from 30 like any scalar); its
     # lane lambdas exist for all 11 layers (ours for the 3 that use them: 48 fewer parameters, 35,945,625);
     # its training rows are 98,304-token packed rows cut at BOS and at 2,048 (ours: 48 rows of 2,048, cut
     # at BOS); its clip is on each rank's gradient before the all-reduce (ours: on the mean).
-    # Eval: the causal token-only n-gram tilt (order 16, p >= 0.8, boost 2.625) on sliding windows until the
-    # rest of the export and evaluation half (LQER, per-group lrzip, phased LoRA TTT at 2,560) lands.
+    # Eval: the causal token-only n-gram tilt (order 16, p >= 0.8, boost 2.625) on sliding windows until
+    # phased LoRA TTT at 2,560 lands.
     "frontier": dict(**CASEOPS, num_kv_heads=4, mlp_mult=4.0, mlp_act="leaky_relu2", qk_gain_init=5.0,
                      bigram_buckets=0, ve_dim=0, smear_window=12, smear_doc_reset=False, skip_gates=True,
                      sparse_gate_window=12, sparse_gate_scale=0.5, num_loops=2, loop_start=3, loop_end=5,
@@ -490,12 +502,15 @@ PRESETS: dict[str, dict] = {
                      muon_ns="polar", muon_row_norm=True, muon_wd=0.095, embed_wd=0.085, adam_wd=0.02, beta2=0.99,
                      warmdown_frac=0.85, min_lr=0.1, val_loss_every=4000, ema_decay=0.9965, swa_every=0,
                      qat_threshold=0.0, quant_bits_mlp=6, quant_bits_attn=6, quant_bits_embed=7,
-                     quant_clip_mlp="std", quant_clip_attn="std", quant_clip_embed="std", calib_source="train",
-                     calib_seqs=12288, gptq_reserve_seconds=8.0, compressor="brotli", eval_stride=64,
+                     quant_clip_mlp="std:11.5", quant_clip_attn="std:13", quant_clip_embed="std:14",
+                     lqer_top_k=3, lqer_rank=4, lqer_group=32, calib_source="train",
+                     calib_seqs=12288, gptq_reserve_seconds=8.0, compressor="pergroup", eval_stride=64,
                      ttt_epochs=0, ngram_order=16, ngram_threshold=0.8, ngram_boost=2.625),
 }
-# PR #1855 (1.06108), #2135's base: the same code with SmearGate's BOS mask on, MATRIX_LR 0.026 and no n-gram tilt.
-PRESETS["pr1855"] = dict(PRESETS["frontier"], smear_doc_reset=True, matrix_lr=0.026, ngram_order=0)
+# PR #1855 (1.06108), #2135's base: the same code with SmearGate's BOS mask on, MATRIX_LR 0.026, no n-gram tilt,
+# LQER groups of 64 and int8 attention gates.
+PRESETS["pr1855"] = dict(PRESETS["frontier"], smear_doc_reset=True, matrix_lr=0.026, ngram_order=0, lqer_group=64,
+                         quant_int8_names="attn.gate")
 # Each dataset's bundled sample (data/sample), which PRESET=smoke trains on.
 SAMPLES = {"./data/datasets/fineweb10B_sp1024": "./data/sample/fineweb_sp1024",
            CASEOPS["data_path"]: "./data/sample/fineweb_sp8192_caseops"}
@@ -530,6 +545,18 @@ def parse_floats(name: str, text: str) -> list[float]:
     if not values or not all(v > 0 for v in values):
         raise SettingsError(f"{name.upper()}={text!r} must be a comma-separated list of positive numbers")
     return values
+
+
+def parse_clip_rule(name: str, text: str) -> tuple[str, float | None]:
+    """(rule, k) of QUANT_CLIP_*: one of CLIP_RULES, or std:K (SDClip at K row standard deviations)."""
+    rule, _, k = text.partition(":")
+    try:
+        value = float(k) if k else None
+    except ValueError:
+        value = -1.0
+    if rule not in CLIP_RULES or (k and (rule != "std" or not value > 0)):
+        raise SettingsError(f"{name.upper()}={text!r} must be one of: {', '.join(CLIP_RULES)}, or std:K with K > 0")
+    return rule, value
 
 
 def find_upward(path: str) -> str:
@@ -2475,7 +2502,10 @@ def calibrate_on_train(h: Settings, rt: Runtime, trainer: Trainer, train_ms: flo
 def clip_candidates(h: Settings, w: torch.Tensor, rule: str) -> torch.Tensor:
     """Candidate clip values per row, shape (C, rows); the quantizer keeps for each row the one with
     the least (Hessian-weighted) error. absmax: the row's max |w|; pct: each of CLIP_PERCENTILES of |w|;
-    std: CLIP_STD_K row standard deviations; auto: each of CLIP_SIGMAS standard deviations, and absmax."""
+    std (std:K): CLIP_STD_K (K) row standard deviations, even beyond the absmax, as SDClip does: a wider
+    grid puts fewer distinct codes on the bulk of the row, which compresses better; auto: each of
+    CLIP_SIGMAS standard deviations capped at the absmax, and the absmax."""
+    rule, k = parse_clip_rule("quant_clip", rule)
     a = w.abs().float()
     absmax = a.amax(dim=1)
     if rule == "absmax":
@@ -2483,28 +2513,35 @@ def clip_candidates(h: Settings, w: torch.Tensor, rule: str) -> torch.Tensor:
     if rule == "pct":
         ps = torch.tensor(parse_floats("clip_percentiles", h.clip_percentiles), device=w.device)
         return torch.quantile(a, ps, dim=1)
-    std = w.float().std(dim=1)
-    ks = [h.clip_std_k] if rule == "std" else parse_floats("clip_sigmas", h.clip_sigmas)
-    return torch.stack([torch.minimum(k * std, absmax) for k in ks] + ([absmax] if rule == "auto" else []))
+    std = w.float().std(dim=1)  # unbiased, of the original row
+    if rule == "std":
+        return (k or h.clip_std_k) * std[None]
+    ks = parse_floats("clip_sigmas", h.clip_sigmas)
+    return torch.stack([torch.minimum(k * std, absmax) for k in ks] + [absmax])
 
 
 def gptq_quantize(w: torch.Tensor, H: torch.Tensor | None, bits: int, clips: torch.Tensor, block: int = 128,
-                  damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  damp: float = 0.01, hi: slice | None = None) -> tuple[torch.Tensor, ...]:
     """Quantize w (rows, cols) to per-row int grids, for every candidate clip at once (rows are
     independent under GPTQ, so the candidates are stacked as extra rows), and keep per row the
     candidate with the least error (w-q) H (w-q)^T. H=None is round-to-nearest with plain MSE.
 
     GPTQ (Frantar et al.): columns in descending diag(H) order, Cholesky factor of H^-1, each column's
-    rounding error pushed onto the columns not yet quantized, in blocks. Returns (codes int8,
-    fp16 scales, per-row error)."""
+    rounding error pushed onto the columns not yet quantized, in blocks. The columns `hi` (AWQ-lite)
+    use an int8 grid with the same clip. Returns (codes int8, fp16 scales, per-row error, fp16 scales of
+    the hi columns or None)."""
     qmax = 2 ** (bits - 1) - 1
     W = w.float()
     rows, cols = W.shape
-    scale = row_scales(clips.float(), bits)  # (C, rows)
-    s = scale.float().reshape(-1, 1)
+    scale, scale_hi = row_scales(clips.float(), bits), row_scales(clips.float(), 8)  # (C, rows)
+    s, s_hi = scale.float().reshape(-1, 1), scale_hi.float().reshape(-1, 1)
+    is_hi = torch.zeros(cols, dtype=torch.bool, device=W.device)
+    if hi is not None:
+        is_hi[hi] = True
     Wc = W.repeat(clips.size(0), 1)
     if H is None:
         Q = torch.clamp(torch.round(Wc / s), -qmax, qmax)
+        Q[:, is_hi] = torch.clamp(torch.round(Wc[:, is_hi] / s_hi), -127, 127)
     else:
         Hd = H.float().clone()
         dead = Hd.diagonal() == 0  # inputs never seen: any value works, zero compresses best
@@ -2519,31 +2556,32 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor | None, bits: int, clips: tor
                 break
         else:
             raise ArtifactError("GPTQ: the Hessian stays singular even with damping 1.0; use QUANT_METHOD=rtn")
-        Wc, Q = Wc[:, perm], torch.zeros_like(Wc)
+        Wc, Q, hi_cols = Wc[:, perm], torch.zeros_like(Wc), is_hi[perm].tolist()
         for i1 in range(0, cols, block):
             i2 = min(i1 + block, cols)
             Wb, Hb = Wc[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
             Err = torch.zeros_like(Wb)
             for j in range(i2 - i1):
-                q = torch.clamp(torch.round(Wb[:, j:j + 1] / s), -qmax, qmax)
+                step, lim = (s_hi, 127) if hi_cols[i1 + j] else (s, qmax)
+                q = torch.clamp(torch.round(Wb[:, j:j + 1] / step), -lim, lim)
                 Q[:, i1 + j] = q[:, 0]
-                err = (Wb[:, j:j + 1] - q * s) / Hb[j, j]
+                err = (Wb[:, j:j + 1] - q * step) / Hb[j, j]
                 Wb[:, j:] -= err * Hb[j:j + 1, j:]
                 Err[:, j:j + 1] = err
             Wc[:, i2:] -= Err @ Hinv[i1:i2, i2:]
         Q = Q[:, torch.argsort(perm)]
-    D = W.repeat(clips.size(0), 1) - Q * s
+    D = W.repeat(clips.size(0), 1) - Q * torch.where(is_hi, s_hi, s)
     err = ((D @ H.float()) * D).sum(1) if H is not None else D.square().sum(1)
     best = err.view(-1, rows).argmin(dim=0)
     pick = best * rows + torch.arange(rows, device=W.device)
-    return Q[pick].to(torch.int8), scale.reshape(-1)[pick], err[pick]
+    return Q[pick].to(torch.int8), scale.reshape(-1)[pick], err[pick], scale_hi.reshape(-1)[pick] if hi is not None else None
 
 
 # -----------------------------------------------------------------------------
 # ARTIFACT: CODES, PRUNING TO FIT, PER-STREAM COMPRESSION (ZSTD / LZMA / BROTLI / RANS), NO PICKLE
 # -----------------------------------------------------------------------------
 
-ARTIFACT_MAGIC = b"PGOLF\x02"
+ARTIFACT_MAGIC = b"PGOLF\x03"  # 3: LQER, AWQ and pergroup streams, which a reader of 2 would skip
 LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9}]
 SIZE_MARGIN = 1000  # bytes kept free under SIZE_LIMIT when TARGET_BYTES=0
 
@@ -2553,10 +2591,18 @@ class ArtifactError(ValueError):
 
 
 def export_bits(h: Settings, state: dict[str, torch.Tensor]) -> dict[str, int]:
-    """Bits of every tensor that gets quantized: matrices over QUANT_MIN_NUMEL elements, by group."""
+    """Bits of every tensor that gets quantized: matrices over QUANT_MIN_NUMEL elements, by group, and
+    the smaller 2-D tensors named by QUANT_INT8_NAMES at 8 bits."""
     group_bits = {"mlp": h.quant_bits_mlp, "attn": h.quant_bits_attn, "embed": h.quant_bits_embed}
-    return {name: group_bits[tensor_group(name)] for name, t in state.items()
-            if t.is_floating_point() and t.ndim == 2 and t.numel() > h.quant_min_numel}
+    small = [s for s in h.quant_int8_names.split(",") if s]
+    bits = {}
+    for name, t in state.items():
+        if t.is_floating_point() and t.ndim == 2:
+            if t.numel() > h.quant_min_numel:
+                bits[name] = group_bits[tensor_group(name)]
+            elif any(s in name for s in small):
+                bits[name] = 8
+    return bits
 
 
 @dataclasses.dataclass
@@ -2569,6 +2615,8 @@ class Quantized:
     dtypes: dict[str, str]  # every tensor's dtype in the model
     col_weight: dict[str, torch.Tensor]  # diag(H)/mean(diag(H)) per column (ones without a Hessian)
     stats: dict[str, dict]
+    lqer: dict[str, dict] = dataclasses.field(default_factory=dict)  # low-rank corrections (lqer_factors)
+    awq: dict[str, dict] = dataclasses.field(default_factory=dict)  # int8 column group: start, codes, scale
 
 
 @contextlib.contextmanager
@@ -2587,6 +2635,7 @@ def quantize_model(h: Settings, state: dict[str, torch.Tensor], hessians: dict[s
     """Every tensor of export_bits through gptq_quantize (round-to-nearest without a Hessian)."""
     bits = export_bits(h, state)
     q = Quantized({}, {}, bits, {}, {}, {}, {})
+    salient = awq_groups(h, state, bits, hessians)
     for name, t in state.items():
         q.dtypes[name] = str(t.dtype).removeprefix("torch.")
         if name not in bits:
@@ -2595,19 +2644,93 @@ def quantize_model(h: Settings, state: dict[str, torch.Tensor], hessians: dict[s
         w = t.detach().float()
         if h.prune_magnitude:  # PR #585: |w| below the tensor's quantile, before GPTQ (its Hessians stay unpruned)
             w = torch.where(t.abs() < torch.quantile(w.abs(), h.prune_magnitude).to(t.dtype), 0.0, w)
-        H = hessians.get(name) if h.quant_method == "gptq" else None
+        small = t.numel() <= h.quant_min_numel  # QUANT_INT8_NAMES: int8 round to nearest, absmax/127 (PR #1855)
+        H = hessians.get(name) if h.quant_method == "gptq" and not small else None
         H = H.to(w.device, torch.float32) if H is not None else None
-        rule = getattr(h, f"quant_clip_{tensor_group(name)}")  # QUANT_CLIP_MLP / _ATTN / _EMBED
-        codes, scale, err = gptq_quantize(w, H, bits[name], clip_candidates(h, w, rule), h.gptq_block_size,
-                                          h.gptq_damp)
-        delta = w - codes.float() * scale.float()[:, None]
+        rule = "absmax" if small else getattr(h, f"quant_clip_{tensor_group(name)}")  # QUANT_CLIP_MLP / _ATTN / _EMBED
+        hi = slice(salient[name], salient[name] + h.awq_group) if name in salient else None
+        codes, scale, err, scale_hi = gptq_quantize(w, H, bits[name], clip_candidates(h, w, rule), h.gptq_block_size,
+                                                    h.gptq_damp, hi)
+        if hi is not None:  # the int8 columns get their own stream; the main codes keep the bits' range
+            q.awq[name] = dict(start=hi.start, codes=codes[:, hi].cpu().clone(), scale=scale_hi.cpu())
+            codes[:, hi] = 0
+        delta = w - dequantize(codes, scale, awq=q.awq.get(name)).to(w.device)
         q.codes[name], q.scales[name] = codes.cpu(), scale.cpu()
         diag = H.diagonal().float() if H is not None else torch.ones(w.size(1), device=w.device)
         q.col_weight[name] = (diag / diag.mean().clamp_min(1e-30)).cpu()
         q.stats[name] = dict(params=w.numel(), mse=float(delta.square().sum()), norm=float(w.square().sum()),
                              herr=float(err.sum()), hnorm=float(((w @ H) * w).sum()) if H is not None else
                              float(w.square().sum()))
+    add_lqer(h, q, state)
     return q
+
+
+def awq_groups(h: Settings, state: dict[str, torch.Tensor], bits: dict[str, int],
+               hessians: dict[str, torch.Tensor]) -> dict[str, int]:
+    """AWQ-lite (PR #1908): every contiguous AWQ_GROUP-column group of the matrices GPTQ quantizes below
+    8 bits, scored by sum_c rms_c mean_r |W_rc| (rms_c = sqrt(H_cc), the input channel's RMS); the
+    AWQ_TOP_K best, at most one per matrix: {name: first column}."""
+    g, scored = h.awq_group, []
+    for name, b in bits.items():
+        H, w = hessians.get(name), state[name]
+        if b < 8 and H is not None and h.quant_method == "gptq" and w.numel() > h.quant_min_numel:
+            n = w.size(1) // g
+            rms = H.diagonal().float().clamp_min(0).sqrt().cpu()
+            salience = (rms * w.detach().float().abs().mean(dim=0).cpu())[:n * g].view(n, g).sum(1)
+            scored += [(float(v), name, i * g) for i, v in enumerate(salience)]
+    chosen: dict[str, int] = {}
+    for score, name, start in sorted(scored, reverse=True):
+        if len(chosen) < h.awq_top_k and name not in chosen:
+            chosen[name] = start
+            log(f"awq:{name} start:{start} group:{g} salience:{score:.4e}")
+    return chosen
+
+
+def add_lqer(h: Settings, q: Quantized, state: dict[str, torch.Tensor]) -> None:
+    """LQER: the LQER_TOP_K matrices with the largest ||W - Q s||_F (the int8 small tensors aside) get a
+    rank-LQER_RANK correction A B from the SVD of their error, A = U S, B = V^T, stored quantized."""
+    ranked = sorted((n for n in q.codes if q.codes[n].numel() > h.quant_min_numel), key=lambda n: -q.stats[n]["mse"])
+    for name in ranked[:h.lqer_top_k]:
+        err = state[name].detach().float().cpu() - dequantize(q.codes[name], q.scales[name], awq=q.awq.get(name))
+        U, S, Vh = torch.linalg.svd(err, full_matrices=False)
+        r = min(h.lqer_rank, S.numel())
+        q.lqer[name] = lqer_factors(U[:, :r] * S[:r], Vh[:r], h.lqer_group)
+        after = err - lqer_product(q.lqer[name])
+        log(f"lqer:{name} rank:{r} group:{q.lqer[name]['group']} asym:{int(q.lqer[name]['sa'].numel() == 1)} "
+            f"err_fro:{float(err.norm()):.4e} corrected_err_fro:{float(after.norm()):.4e}")
+
+
+def lqer_factors(A: torch.Tensor, B: torch.Tensor, group: int) -> dict:
+    """A (rows, r) and B (r, cols) as int codes + fp16 scales. Asymmetric when B's elements split into
+    groups of `group`: A at INT2, one scale max|A|/1.5, codes -2..1; B at INT4 per group of consecutive
+    flattened elements, scale max|group|/7.5, codes -8..7 (both grids reach the max at their long end).
+    Otherwise both at symmetric per-row INT4. `group` is then B's row length, so dequantization is one rule."""
+    if B.numel() % group:
+        (qa, sa), (qb, sb) = quantize_rows(A, 4), quantize_rows(B, 4)
+        return dict(a=qa.to(torch.int8), sa=sa, b=qb.to(torch.int8), sb=sb, group=B.size(1))
+    sa = (A.abs().amax() / 1.5).clamp_min(FP16_TINY).to(torch.float16).reshape(1)
+    qa = torch.clamp(torch.round(A / sa.float()), -2, 1)
+    groups = B.reshape(-1, group)
+    sb = (groups.abs().amax(dim=1) / 7.5).clamp_min(FP16_TINY).to(torch.float16)
+    qb = torch.clamp(torch.round(groups / sb.float()[:, None]), -8, 7).reshape(B.shape)
+    return dict(a=qa.to(torch.int8), sa=sa, b=qb.to(torch.int8), sb=sb, group=group)
+
+
+def lqer_product(f: dict) -> torch.Tensor:
+    """The dequantized correction (qA sA)(qB sB), fp32."""
+    a = f["a"].float() * f["sa"].float()[:, None]
+    b = (f["b"].float().reshape(-1, f["group"]) * f["sb"].float()[:, None]).reshape(f["b"].shape)
+    return a @ b
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, lqer: dict | None = None,
+               awq: dict | None = None) -> torch.Tensor:
+    """W^ = Q s (the AWQ columns: their int8 codes and scales) + the LQER correction, fp32: one rule for
+    the exporter and the loader."""
+    w = codes.float() * scale.float()[:, None]
+    if awq:
+        w[:, awq["start"]:awq["start"] + awq["codes"].size(1)] = awq["codes"].float() * awq["scale"].float()[:, None]
+    return w + lqer_product(lqer) if lqer else w
 
 
 # Codes are stored as int8 bytes or bit-packed; fp16 streams as is or byte-shuffled (all low bytes,
@@ -2618,8 +2741,29 @@ BYTE_CODECS = {
     "lzma": (lambda b: lzma.compress(b, format=lzma.FORMAT_RAW, filters=LZMA_FILTERS),
              lambda b: lzma.decompress(b, format=lzma.FORMAT_RAW, filters=LZMA_FILTERS)),
     "brotli": (lambda b: brotli.compress(b, quality=11, lgwin=24), brotli.decompress),
+    "lrzip": (lambda b: lrzip(b, ["-z", "-L", "9"]), lambda b: lrzip(b, ["-d"])),
 }
 CODECS = ("zstd", "lzma", "brotli", "rans")
+
+
+def lrzip(data: bytes, args: list[str]) -> bytes:
+    """The system lrzip (ZPAQ with -z, the frontier records' codec) on files: its stdin/stdout mode
+    buffers everything anyway and reports less. Only COMPRESSOR=pergroup tries it, when it is on PATH."""
+    if not shutil.which("lrzip"):
+        raise ArtifactError("this artifact has lrzip streams: install lrzip (Debian: apt-get install lrzip)")
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "in", Path(tmp) / "out"
+        src.write_bytes(data)
+        subprocess.run(["lrzip", "-q", "-f", *args, "-o", str(dst), str(src)], check=True, capture_output=True,
+                       env={**os.environ, "LRZIP": "NOCONFIG"})  # no user lrzip.conf changes the output
+        return dst.read_bytes()
+
+
+def stream_codecs(h: Settings) -> tuple[str, ...]:
+    """The codecs COMPRESSOR lets each stream try."""
+    if h.compressor == "pergroup":
+        return CODECS + (("lrzip",) if shutil.which("lrzip") else ())
+    return CODECS if h.compressor == "hybrid" else (h.compressor,)
 
 
 def pack_bits(u: np.ndarray, bits: int) -> bytes:
@@ -2663,12 +2807,19 @@ def rans_model(counts: np.ndarray):
     return constriction.stream.model.Categorical(counts / counts.sum(), perfect=False)
 
 
-def stream_specs(q: Quantized) -> list[tuple[str, str, np.ndarray, int]]:
-    """(tensor, part, data, bits): codes and scales of each quantized tensor, then one raw stream."""
+def stream_specs(q: Quantized, grouped: bool) -> list[tuple[str, str, np.ndarray, int]]:
+    """(tensor, part, data, bits): codes (unless grouped: encode_group has them) and scales of each
+    quantized tensor, each LQER correction's and AWQ column group's codes and scales, then one raw stream."""
     specs = []
     for name, codes in q.codes.items():
-        specs.append((name, "codes", codes.numpy().reshape(-1), q.bits[name]))
+        if not grouped:
+            specs.append((name, "codes", codes.numpy().reshape(-1), q.bits[name]))
         specs.append((name, "scale", np.frombuffer(q.scales[name].numpy().tobytes(), np.uint8), 8))
+    for name, f in q.lqer.items():
+        data = b"".join(f[k].numpy().tobytes() for k in ("a", "sa", "b", "sb"))
+        specs.append((name, "lqer", np.frombuffer(data, np.uint8), 8))
+    for name, a in q.awq.items():
+        specs.append((name, "awq", np.frombuffer(a["codes"].numpy().tobytes() + a["scale"].numpy().tobytes(), np.uint8), 8))
     raw = b"".join(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() for t in q.raw.values())
     specs.append(("", "raw", np.frombuffer(raw, np.uint8), 8))
     return specs
@@ -2703,22 +2854,94 @@ def encode_stream(part: str, data: np.ndarray, bits: int, codecs, layout: str | 
     return {**best, "sizes": sizes}
 
 
-def encode_all(h: Settings, q: Quantized, fixed: list[tuple[str, str]] | None = None) -> list[dict]:
-    """Every stream encoded (in parallel threads: the codecs release the GIL), by COMPRESSOR, or each
-    stream with the (codec, layout) given in `fixed`."""
-    codecs = CODECS if h.compressor == "hybrid" else (h.compressor,)
-    specs = stream_specs(q)
+def encode_all(h: Settings, q: Quantized, like: list[dict] | None = None) -> list[dict]:
+    """Every stream encoded (in parallel threads: the codecs release the GIL), by COMPRESSOR; with `like`,
+    an earlier encoding of the same tensors, each stream with the choices it made there."""
+    codecs, grouped = stream_codecs(h), h.compressor == "pergroup"
+    prev = {(s["name"], s["part"]): s for s in like or []}
 
-    def one(i: int) -> dict:
-        name, part, data, bits = specs[i]
-        if fixed is None:
-            enc = encode_stream(part, data, bits, codecs)
-        else:
-            enc = encode_stream(part, data, bits, (fixed[i][0],), fixed[i][1])
-        return dict(enc, name=name, part=part, n=len(data))
+    def one(name: str, part: str, data: np.ndarray, bits: int) -> list[dict]:
+        old = prev.get((name, part))
+        enc = encode_stream(part, data, bits, (old["codec"],) if old else codecs, old and old["layout"])
+        return [dict(enc, name=name, part=part, n=len(data))]
 
+    jobs = [functools.partial(one, *spec) for spec in stream_specs(q, grouped)]
+    if grouped:
+        jobs += [functools.partial(encode_group, role, names, q, codecs, prev) for role, names in code_groups(q).items()]
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(32, os.cpu_count() or 1)) as pool:
-        return list(pool.map(one, range(len(specs))))
+        return [s for out in pool.map(lambda job: job(), jobs) for s in out]
+
+
+def tensor_role(name: str) -> str:
+    """A tensor's name without layer indices: blocks.3.mlp.fc.weight -> blocks.mlp.fc.weight."""
+    return ".".join(p for p in name.split(".") if not p.isdigit())
+
+
+def code_groups(q: Quantized) -> dict[str, list[str]]:
+    groups: dict[str, list[str]] = {}
+    for name in q.codes:
+        groups.setdefault(tensor_role(name), []).append(name)
+    return groups
+
+
+def nn_row_order(codes: torch.Tensor) -> torch.Tensor:
+    """Greedy L1 nearest-neighbour chain of rows: from row 0, append the unused row closest to the last
+    one, so similar rows become neighbours for the codecs. One vectorized distance per step, in numpy
+    (single-threaded, it was ~80x faster per step than torch's thread pool on a busy 2-core CPU); rows
+    already taken are dropped whenever they are half of those scanned."""
+    rest = codes.numpy().astype(np.int16)
+    ids = np.arange(len(rest))
+    taken = np.zeros(len(rest), dtype=np.int32)  # 2^30 once taken: above any L1 distance of int8 rows
+    order, j = [0], 0
+    taken[0] = 1 << 30
+    for left in range(len(rest) - 1, 0, -1):
+        gap = np.abs(rest - rest[j]).sum(1, dtype=np.int32) + taken
+        j = int(gap.argmin())
+        taken[j] = 1 << 30
+        order.append(int(ids[j]))
+        if 2 * left < len(rest):
+            keep = taken == 0
+            keep[j] = True  # the chain continues from row j
+            rest, ids, taken, j = rest[keep], ids[keep], taken[keep], int(keep[:j].sum())
+    return torch.tensor(order, dtype=torch.int64)
+
+
+def group_bytes(codes: list[torch.Tensor], perms: list[torch.Tensor | None]) -> np.ndarray:
+    """The members' codes, rows in perm order, each transposed (a column's values over neighbouring,
+    similar rows become adjacent bytes), concatenated."""
+    return torch.cat([(c if p is None else c[p]).T.reshape(-1) for c, p in zip(codes, perms)]).numpy()
+
+
+def encode_group(role: str, names: list[str], q: Quantized, codecs, prev: dict) -> list[dict]:
+    """One stream of a role's codes over all layers (COMPRESSOR=pergroup). Row order (as is, or
+    nn_row_order with a uint16 permutation stream) and codec are chosen by measured bytes, the
+    permutation's counted; with an earlier encoding in prev, its choices and permutations are reused."""
+    bits, codes = max(q.bits[n] for n in names), [q.codes[n] for n in names]
+    old = prev.get((role, "group"))
+    if old:
+        orders, codecs = {old["order"]: old["perms"]}, (old["codec"],)
+    else:
+        orders = {"id": [None] * len(names)}
+        if max(c.size(0) for c in codes) <= 65536:
+            orders["nn"] = [nn_row_order(c) for c in codes]
+    best, table = None, {}
+    for order, perms in orders.items():
+        data = group_bytes(codes, perms)
+        enc = encode_stream("codes", data, bits, codecs, old and old["layout"])
+        out = [dict(enc, name=role, part="group", members=names, bits=bits, order=order, perms=perms, n=len(data))]
+        table[order] = enc["sizes"]
+        if order == "nn":
+            out.append(prev.get((role, "perm")) or perm_stream(role, perms, codecs))
+            table["perm"] = out[1]["cost"]
+        if best is None or sum(s["cost"] for s in out) < sum(s["cost"] for s in best):
+            best = out
+    best[0]["table"] = table
+    return best
+
+
+def perm_stream(role: str, perms: list[torch.Tensor], codecs) -> dict:
+    data = np.frombuffer(torch.cat(perms).numpy().astype(np.uint16).tobytes(), np.uint8)
+    return dict(encode_stream("perm", data, 8, codecs), name=role, part="perm", n=len(data))
 
 
 def pack_artifact(q: Quantized, streams: list[dict]) -> bytes:
@@ -2726,7 +2949,10 @@ def pack_artifact(q: Quantized, streams: list[dict]) -> bytes:
     tensors, offset = [], 0
     for name, dtype in q.dtypes.items():
         if name in q.codes:
-            tensors.append(dict(name=name, shape=list(q.codes[name].shape), dtype=dtype, bits=q.bits[name]))
+            lqer, awq = q.lqer.get(name), q.awq.get(name)
+            tensors.append(dict(name=name, shape=list(q.codes[name].shape), dtype=dtype, bits=q.bits[name],
+                                **({"lqer": [lqer["a"].size(1), lqer["group"], lqer["sa"].numel()]} if lqer else {}),
+                                **({"awq": [awq["start"], awq["codes"].size(1)]} if awq else {})))
         else:
             t = q.raw[name]
             nbytes = t.numel() * t.element_size()
@@ -2734,7 +2960,8 @@ def pack_artifact(q: Quantized, streams: list[dict]) -> bytes:
                                 offset=offset, nbytes=nbytes))
             offset += nbytes
     entries = [dict(name=s["name"], part=s["part"], codec=s["codec"], layout=s["layout"], n=s["n"],
-                    nbytes=len(s["data"]), **({"counts": s["counts"]} if s["counts"] is not None else {}))
+                    nbytes=len(s["data"]), **{k: s[k] for k in ("counts", "members", "bits", "order")
+                                              if s.get(k) is not None})
                for s in streams]
     header = lzma.compress(json.dumps(dict(tensors=tensors, streams=entries), separators=(",", ":")).encode(),
                            format=lzma.FORMAT_RAW, filters=LZMA_FILTERS)
@@ -2744,7 +2971,7 @@ def pack_artifact(q: Quantized, streams: list[dict]) -> bytes:
 
 def decode_stream(entry: dict, data: bytes, bits: int) -> np.ndarray:
     qmax, n = 2 ** (bits - 1) - 1, entry["n"]
-    if entry["part"] == "codes":
+    if entry["part"] in ("codes", "group"):
         if entry["codec"] == "rans":
             u = rans_decode(data, entry["counts"], n)
         else:
@@ -2776,24 +3003,66 @@ def deserialize_artifact(blob: bytes) -> dict[str, torch.Tensor]:
         tensors = {t["name"]: t for t in header["tensors"]}
         arrays, offset = {}, 4 + hlen
         for e in header["streams"]:
-            bits = tensors[e["name"]]["bits"] if e["part"] == "codes" else 8
+            bits = e.get("bits") or (tensors[e["name"]]["bits"] if e["part"] == "codes" else 8)
             arrays[(e["name"], e["part"])] = decode_stream(e, body[offset:offset + e["nbytes"]], bits)
             offset += e["nbytes"]
+        codes = {}
+        for e in header["streams"]:
+            if e["part"] == "group":
+                codes.update(ungroup(e, arrays[(e["name"], "group")], arrays.get((e["name"], "perm")), tensors))
         raw, state = arrays[("", "raw")].tobytes(), {}
         for name, t in tensors.items():
             dtype = getattr(torch, t["dtype"])
             if "bits" in t:
-                codes = torch.from_numpy(arrays[(name, "codes")].copy()).view(t["shape"])
+                c = codes[name] if name in codes else torch.from_numpy(arrays[(name, "codes")].copy()).view(t["shape"])
                 scale = torch.from_numpy(arrays[(name, "scale")].copy()).view(torch.float16)
-                state[name] = (codes.float() * scale.float()[:, None]).to(dtype)
+                lqer = read_lqer(arrays[(name, "lqer")], t["shape"], t["lqer"]) if "lqer" in t else None
+                awq = read_awq(arrays[(name, "awq")], t["shape"][0], t["awq"]) if "awq" in t else None
+                state[name] = dequantize(c, scale, lqer, awq).to(dtype)
             else:
                 data = bytearray(raw[t["offset"]:t["offset"] + t["nbytes"]])
                 stored = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
                 state[name] = stored.view(getattr(torch, t["stored"])).reshape(t["shape"]).to(dtype)
-    except (KeyError, ValueError, RuntimeError, TypeError, AttributeError, struct.error, lzma.LZMAError,
-            zstandard.ZstdError, brotli.error) as e:
+    except (KeyError, ValueError, RuntimeError, TypeError, AttributeError, IndexError, struct.error,
+            lzma.LZMAError, zstandard.ZstdError, brotli.error, subprocess.CalledProcessError) as e:
         raise ArtifactError(f"artifact is corrupt or truncated ({type(e).__name__}: {e})") from None
     return state
+
+
+def ungroup(entry: dict, flat: np.ndarray, perm: np.ndarray | None, tensors: dict) -> dict[str, torch.Tensor]:
+    """Inverse of group_bytes: each member's codes, rows back in their original order."""
+    rows_of = np.frombuffer(perm.tobytes(), np.uint16).astype(np.int64) if perm is not None else None
+    out, at, row = {}, 0, 0
+    for name in entry["members"]:
+        rows, cols = tensors[name]["shape"]
+        c = torch.from_numpy(flat[at:at + rows * cols].copy()).view(cols, rows).T
+        at += rows * cols
+        if rows_of is not None:
+            back = torch.empty_like(c)
+            back[torch.from_numpy(rows_of[row:row + rows])] = c
+            c, row = back, row + rows
+        out[name] = c.contiguous()
+    return out
+
+
+def read_lqer(data: np.ndarray, shape: list[int], spec: list[int]) -> dict:
+    """An LQER stream (A codes, A scales, B codes, B scales) back into lqer_factors' dict."""
+    (rows, cols), (rank, group, n_sa) = shape, spec
+    f, at = {"group": group}, 0
+    for key, n, dtype in (("a", rows * rank, np.int8), ("sa", n_sa, np.float16), ("b", rank * cols, np.int8),
+                          ("sb", rank * cols // group, np.float16)):
+        nbytes = n * np.dtype(dtype).itemsize
+        f[key] = torch.from_numpy(np.frombuffer(data[at:at + nbytes].tobytes(), dtype).copy())
+        at += nbytes
+    f["a"], f["b"] = f["a"].view(rows, rank), f["b"].view(rank, cols)
+    return f
+
+
+def read_awq(data: np.ndarray, rows: int, spec: list[int]) -> dict:
+    """An AWQ stream (int8 codes of the column group, then fp16 row scales) back into q.awq's dict."""
+    (start, g), n = spec, rows * spec[1]
+    return dict(start=start, codes=torch.from_numpy(data[:n].view(np.int8).copy()).view(rows, g),
+                scale=torch.from_numpy(data[n:n + 2 * rows].copy().view(np.float16)))
 
 
 @dataclasses.dataclass
@@ -2833,7 +3102,8 @@ def pruned(q: Quantized, order: PruneOrder, n: int) -> tuple[Quantized, dict[str
 def export_artifact(h: Settings, q: Quantized, code_bytes: int) -> tuple[bytes, list[dict], dict[str, int], dict]:
     """Compress q; prune PRUNE_FRACTION of the weights, then, if over TARGET_BYTES, the cheapest +-1 codes
     by a bisection on the real compressed size (n codes fit, n-1 do not; each stream keeps the codec the
-    unpruned model chose). Returns (blob, streams, pruned per tensor, seconds per phase)."""
+    unpruned model chose, a pergroup stream its row order). Returns (blob, streams, pruned per tensor,
+    seconds per phase)."""
     t0 = time.perf_counter()
     order = prune_order(q)
     total = sum(c.numel() for c in q.codes.values())
@@ -2848,11 +3118,9 @@ def export_artifact(h: Settings, q: Quantized, code_bytes: int) -> tuple[bytes, 
             f"model_bytes:{len(blob)} fits:{h.target_bytes == -1 or len(blob) <= target}")
         return blob, streams, counts, seconds
     t0 = time.perf_counter()
-    fixed = [(s["codec"], s["layout"]) for s in streams]
-
     def attempt(n: int) -> tuple[bytes, list[dict], dict[str, int]]:
         qp, cnt = pruned(q, order, n)
-        enc = encode_all(h, qp, fixed)
+        enc = encode_all(h, qp, like=streams)
         return pack_artifact(qp, enc), enc, cnt
 
     best = attempt(len(order.flat))
@@ -2887,12 +3155,15 @@ def log_export(h: Settings, q: Quantized, streams: list[dict], counts: dict[str,
         g["chosen"][s["codec"]] = g["chosen"].get(s["codec"], 0) + 1
         for codec, size in s["sizes"].items():
             g["sizes"][codec] = g["sizes"].get(codec, 0) + size
-        if s["name"] and s["name"] not in g["tensors"]:
-            g["tensors"].add(s["name"])
-            g["bits"].add(q.bits[s["name"]])
-            g["pruned"] += counts.get(s["name"], 0)
-            for key in ("params", "mse", "norm", "herr", "hnorm"):
-                g[key] += q.stats[s["name"]][key]
+        for name in s.get("members", [s["name"]] if s["part"] in ("codes", "scale") else []):
+            if name not in g["tensors"]:
+                g["tensors"].add(name)
+                g["bits"].add(q.bits[name])
+                g["pruned"] += counts.get(name, 0)
+                for key in ("params", "mse", "norm", "herr", "hnorm"):
+                    g[key] += q.stats[name][key]
+        if "table" in s:
+            log_group_table(s)
     for group, g in groups.items():
         sizes = " ".join(f"{codec}:{size}" for codec, size in g["sizes"].items())
         chosen = ",".join(f"{codec}x{n}" for codec, n in g["chosen"].items())
@@ -2906,11 +3177,21 @@ def log_export(h: Settings, q: Quantized, streams: list[dict], counts: dict[str,
             f"pruned:{g['pruned']} bytes:{g['bytes']} {sizes} chosen:{chosen}")
 
 
+def log_group_table(s: dict) -> None:
+    """A pergroup stream's measured bytes under every codec, in each row order tried."""
+    sizes = " ".join(f"{order}_{codec}:{size}" for order in ("id", "nn") for codec, size in s["table"].get(order, {}).items())
+    log(f"pergroup:{s['name']} tensors:{len(s['members'])} bits:{s['bits']} order:{s['order']} codec:{s['codec']} "
+        f"layout:{s['layout']} bytes:{len(s['data'])} nn_perm_bytes:{s['table'].get('perm', 0)} {sizes}")
+
+
 def load_artifact_into(model: nn.Module, path: str | Path) -> None:
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"artifact {path} does not exist")
-    state = deserialize_artifact(path.read_bytes())
+    t0 = time.perf_counter()
+    blob = path.read_bytes()
+    state = deserialize_artifact(blob)
+    log(f"artifact_decode_s:{time.perf_counter() - t0:.2f} bytes:{len(blob)}")  # counts toward the eval budget
     expected = model.state_dict()
     bad = sorted(set(expected) ^ set(state)) + sorted(
         k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
