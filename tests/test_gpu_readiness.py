@@ -287,10 +287,13 @@ def _bounded_graph_run(small_data, make_settings, monkeypatch, **env):
     return tg.compiled_graph_count(), tg.expected_graphs(h, frozen=True)
 
 
-@pytest.mark.parametrize("mode", ["ttt", "slot"])
+@pytest.mark.parametrize("mode", ["ttt", "slot", "lora"])
 def test_a_full_compiled_run_compiles_only_the_listed_graphs(small_data, make_settings, monkeypatch, capsys, mode):
-    env = dict(EVAL_STRIDE=32, TTT_EPOCHS=1, TTT_CHUNK_TOKENS=1000, TTT_SEQ_LEN=32, TTT_BATCH_SEQS=4) \
-        if mode == "ttt" else dict(EVAL_STRIDE=32, TTT_EPOCHS=0, SLOT_STEPS=2, EVAL_PASSES="plain")
+    env = {"ttt": dict(EVAL_STRIDE=32, TTT_EPOCHS=1, TTT_CHUNK_TOKENS=1000, TTT_SEQ_LEN=32, TTT_BATCH_SEQS=4),
+           "slot": dict(EVAL_STRIDE=32, TTT_EPOCHS=0, SLOT_STEPS=2, EVAL_PASSES="plain"),
+           # the sample's first 4,000 val tokens are one document: no global phase (its graph is TTT's)
+           "lora": dict(LORA_TTT=1, LORA_RANK=4, LORA_CHUNK=16, LORA_DOCS_PER_BATCH=2, LORA_PHASES=0,
+                        EVAL_SEQ_LEN=32)}[mode]
     count, expected = _bounded_graph_run(small_data, make_settings, monkeypatch, **env)
     out = capsys.readouterr().out
     assert count == len(expected) <= 8, (count, expected, out[-2000:])
