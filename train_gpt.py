@@ -2206,7 +2206,8 @@ def lora_global_phase(h: Settings, rt: Runtime, model: GPT, val: ValData, docs: 
         p.grad = None
 
 
-def evaluate_lora_ttt(h: Settings, rt: Runtime, model: GPT, val: ValData, dump: str = "") -> tuple[float, float, int, int]:
+def evaluate_lora_ttt(h: Settings, rt: Runtime, model: GPT, val: ValData,
+                      dump: str = "") -> tuple[float, float, int, int]:
     """Phased LoRA TTT (PR #1855/#2135): documents in batches, longest first, each batch on one rank
     (round-robin), scored with per-document LoRAs trained on each document's earlier chunks; at each phase
     boundary all ranks stop and train the base model on the first documents scored, then go on with
@@ -2228,7 +2229,8 @@ def evaluate_lora_ttt(h: Settings, rt: Runtime, model: GPT, val: ValData, dump: 
         for i, b in enumerate(mine):
             lora_score_batch(h, rt, model, lora, opt, val, docs[b], out)
             if i % max(1, len(mine) // 5) == 0:
-                log(f"  lora_ttt:progress phase:{k} batch:{i + 1}/{len(mine)} (rank 0) time:{time.perf_counter() - t0:.1f}s")
+                log(f"  lora_ttt:progress phase:{k} batch:{i + 1}/{len(mine)} (rank 0) "
+                    f"time:{time.perf_counter() - t0:.1f}s")
         done = stop
         if n_docs:
             t1 = time.perf_counter()

@@ -163,3 +163,46 @@ def test_windows_and_graphs_are_bounded(make_settings):
     assert tg.lora_windows(h) == [64, 128, 256, 512, 1024, 2048, 2560]
     assert tg.lora_windows(make_settings(lora_chunk=1, eval_seq_len=2560))[0] == 64  # at most 8 lengths
     assert tg.eval_passes(h) == ["lora_ttt"] and "lora_2560" in tg.expected_graphs(h, frozen=False)
+
+
+def test_projection_counts_padded_windows_training_and_phases(tiny):
+    h = tiny(**{**LORA, "lora_docs_per_batch": 2, "lora_prefix_docs": 2, "lora_phases": 1})
+    model = model_for(h)
+    f = lambda n: n * tg.forward_flops(h, model, n)  # noqa: E731 (a forward of one window of n tokens)
+    windows, fwd, train = tg.pass_flops(h, model, "lora_ttt", 1, 42, np.array([10, 20, 5, 7]))
+    # batches [10, 20] (chunks at 8, 16, 32 tokens; 2 steps) then [5, 7] (one chunk, no step); 2 rows each;
+    # the phase after the first batch trains on its 30 tokens
+    assert windows == 2 + 3 + 1 + 1 and fwd == pytest.approx(2 * (f(8) + f(16) + f(32)) + 2 * f(8))
+    assert train == pytest.approx(3 * 2 * (f(8) + f(16)) + 3 * 30 * tg.forward_flops(h, model, h.ttt_seq_len))
+
+
+def test_two_gloo_ranks_score_as_one(tiny, tmp_path):
+    """Batches dealt to 2 ranks and a global phase split across them give the 1-rank score. LORA_LR=0:
+    with learning adapters the ranks' warm-started A differ from one rank's by design (as the record's)."""
+    import os
+    import subprocess
+    import sys
+    from conftest import ROOT, SAMPLE, TOKENIZER, make_shards
+    tokens = tg.read_shard(SAMPLE / "fineweb_val_000000.bin", 1024)[1:700].copy()
+    tokens[np.cumsum([0, 150, 20, 3, 90, 45, 1, 120, 60, 12, 33, 70])] = tg.BOS_ID
+    make_shards.write_shard(tmp_path / "fineweb_val_000000.bin", tokens)
+    env = dict(DATA_PATH=str(tmp_path), TOKENIZER_PATH=str(TOKENIZER), DEVICE="cpu", COMPILE="0", NUM_LAYERS="2",
+               MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", EVAL_SEQ_LEN="32", EVAL_BATCH_TOKENS="256",
+               QUANT_METHOD="rtn", COMPRESSOR="zstd", LOG_DIR=str(tmp_path), RUN_ID="art", OMP_NUM_THREADS="1",
+               LORA_TTT="1", LORA_RANK="4", LORA_CHUNK="8", LORA_DOCS_PER_BATCH="2", LORA_LR="0",
+               LORA_PREFIX_DOCS="4", LORA_PHASES="2", TTT_EPOCHS="1", TTT_CHUNK_TOKENS="64", TTT_SEQ_LEN="16",
+               TTT_BATCH_SEQS="4", TTT_LR="0.01", TTT_OPTIMIZER="sgd")
+    h = tiny(**env)
+    artifact = tg.write_artifact(h, tg.Runtime(), model_for(h), None)
+    scores = []
+    for launcher in ([], ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]):
+        proc = subprocess.run([sys.executable, *launcher, "train_gpt.py"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=300, env={"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", ""), **env,
+                                                "EVAL_ARTIFACT": str(artifact), "RUN_ID": f"w{len(launcher)}"})
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        assert "lora_ttt_phase:2 docs:4" in proc.stdout and f"world_size:{1 + bool(launcher)}" in proc.stdout
+        scores.append(re.search(r"^legal_lora_ttt_exact val_loss:([\d.]+) val_bpb:([\d.]+) scored_tokens:(\d+)",
+                                proc.stdout, re.M).groups())
+    (l1, b1, n1), (l2, b2, n2) = scores
+    assert n1 == n2 == str(len(tokens) - 1)
+    assert float(l1) == pytest.approx(float(l2), rel=1e-5) and float(b1) == pytest.approx(float(b2), rel=1e-5)
