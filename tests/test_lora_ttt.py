@@ -206,3 +206,10 @@ def test_two_gloo_ranks_score_as_one(tiny, tmp_path):
     (l1, b1, n1), (l2, b2, n2) = scores
     assert n1 == n2 == str(len(tokens) - 1)
     assert float(l1) == pytest.approx(float(l2), rel=1e-5) and float(b1) == pytest.approx(float(b2), rel=1e-5)
+
+
+def test_the_record_tools_read_the_final_line():
+    from conftest import ROOT, load_module
+    logs = load_module("logs", ROOT / "records" / "tools" / "logs.py")
+    line = "legal_lora_ttt_exact val_loss:2.50000000 val_bpb:1.25000000 scored_tokens:9 scored_bytes:20"
+    assert logs.STAGES["ttt"].search(line).groups() == ("2.50000000", "1.25000000")
