@@ -3234,9 +3234,9 @@ def timed(rt: Runtime, fn) -> float:
 
 
 def warm_eval_graphs(h: Settings, rt: Runtime, model: GPT, n_targets: int) -> tuple[float, float, float]:
-    """Compile every evaluation graph the passes use (scoring, TTT training, SLOT's hidden states) on
-    random tokens, never on validation tokens, then time one more call of each: (seconds of the
-    warm-up, forward FLOP/s, training FLOP/s) of this machine for the projection."""
+    """Compile every evaluation graph the passes use (scoring, TTT training, SLOT's hidden states, LoRA
+    TTT's windows) on random tokens, never on validation tokens, then time one more scoring call and TTT
+    step: (seconds of the warm-up, forward FLOP/s, training FLOP/s) of this machine for the projection."""
     t0 = time.perf_counter()
     g = torch.Generator().manual_seed(h.seed)
     rows, seq = eval_rows(h, rt.world_size, n_targets), h.eval_seq_len
