@@ -13,7 +13,7 @@ STAGES = {
     "averaged": re.compile(r"^final_weights:\w+ swa_snapshots:\d+ val_loss:([\d.]+) val_bpb:([\d.]+)", re.M),
     "quantized": re.compile(r"^final_\w+_roundtrip_exact val_loss:([\d.]+) val_bpb:([\d.]+)", re.M),
     "sliding": re.compile(r"^final_\w+_sliding_window_exact val_loss:([\d.]+) val_bpb:([\d.]+)", re.M),
-    "ttt": re.compile(r"^legal_q?ttt_exact val_loss:([\d.]+) val_bpb:([\d.]+)", re.M),
+    "ttt": re.compile(r"^legal_(?:q|lora_)?ttt_exact val_loss:([\d.]+) val_bpb:([\d.]+)", re.M),
 }
 
 
