@@ -501,7 +501,7 @@ PRESETS: dict[str, dict] = {
         quant_min_numel=4096, calib_seqs=16, calib_len=256,  # small matrices are quantized too
     ),
     "caseops": CASEOPS,
-    # PR #2135 (1.05651, the best legal record; frontier_facts.md §2-3): SP8192 CaseOps, 11L 512d GQA 8/4, MLP 4x
+    # PR #2135 (1.05651, the best legal record, as its train_gpt.py computes): SP8192 CaseOps, 11L 512d GQA 8/4, MLP 4x
     # LeakyReLU(0.5)², XSA all, partial RoPE 16/64 at base 10,000 unscaled, q gain 5.0, windowed SmearGate,
     # U-Net skips with gates, SparseAttnGate (window 12, scale 0.5), layers 3-5 looped 3x from 35% of the
     # budget, parallel lanes from layer 8, AsymLogit; no BigramHash, VE or QAT. Muon with Polar Express and
@@ -3794,7 +3794,7 @@ def evaluate_artifact(h: Settings, rt: Runtime) -> None:
 
 H100_BF16_FLOPS = 989e12  # dense bf16 peak of one H100 SXM
 # The challenge's validation split (50,000 documents) in tokens of each dataset; CaseOps: the full stream
-# (frontier_facts.md 1.3). Others are projected at sp1024's count.
+# (47,853,344 tokens, of which PR #2135 scores 47,851,520). Others are projected at sp1024's count.
 OFFICIAL_VAL_TOKENS = {"./data/datasets/fineweb10B_sp1024": 62_021_632, CASEOPS["data_path"]: 47_853_344}
 # PLAN's rate for the n-gram hints, the slower of two measurements of ngram_hints on a shared 2-core CPU
 # (torch 2.13) over 47,851,520 synthetic tokens: 81.7 s with repeated spans, 36.9 s uniform random. A real

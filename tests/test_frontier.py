@@ -25,7 +25,7 @@ def small(make_settings, **env):
 
 def test_the_frontier_has_the_records_parameter_count(make_settings):
     """#2135 logs 35,945,673 parameters (#1855: 35,945,671); ours allocate the lane mix only for the 3
-    layers that use it, 48 fewer (frontier_facts.md §2.1)."""
+    layers that use it, 48 fewer."""
     for preset, record in (("frontier", 35_945_673), ("pr1855", 35_945_671)):
         model = tg.GPT(make_settings(preset=preset))
         n = sum(p.numel() for p in model.parameters())
