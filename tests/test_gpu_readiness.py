@@ -241,7 +241,8 @@ def test_eval_passes(make_settings):
 def test_every_preset_evaluates_within_600s_of_8xh100(make_settings, preset, capsys):
     """PLAN's projection: the FLOPs of each pass at PLAN_MFU of 8 H100s, on the official validation set."""
     h = make_settings(PRESET=preset)
-    model = tg.GPT(h)
+    with torch.device("meta"):  # the projection needs shapes only
+        model = tg.GPT(h)
     rate = tg.H100_BF16_FLOPS * h.plan_mfu
     total = tg.log_eval_projection(h, model, 8, tg.official_val_tokens(h)[0] - 1, rate, rate, tg.NGRAM_CPU_TOKENS_PER_S,
                                    None, "test")
