@@ -124,11 +124,13 @@ def speed_table(tg, speeds, speed_rows, data, h, rounds) -> None:
 
 
 def flops_table(tg, data) -> None:
+    import torch
     print("\n### Forward FLOPs per token (analytic, `forward_flops`, at TRAIN_SEQ_LEN)\n")
     print("| preset | params | not looping | looping |\n|---|---|---|---|")
     for preset in ("caseops,smoke", "frontier,smoke", "caseops", "frontier"):
         h = settings(tg, preset, data_path=data)
-        model = tg.GPT(h)
+        with torch.device("meta"):  # shapes only
+            model = tg.GPT(h)
         flops = [tg.forward_flops(h, model, h.train_seq_len, looping=loop) for loop in (False, True)]
         loop = f"{flops[1]:.4g}" if h.num_loops else "-"
         print(f"| {preset} | {sum(p.numel() for p in model.parameters()):,} | {flops[0]:.4g} | {loop} |")
