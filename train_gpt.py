@@ -3741,7 +3741,7 @@ def final_evaluation(h: Settings, rt: Runtime, model: GPT, val: ValData, tag: st
                                     f"measured_tflops_per_rank:{eval_rate / 1e12:.4g}", docs[:, 1] - docs[:, 0])
     if h.eval_max_seconds and projected > h.eval_max_seconds:
         log(f"warning: the evaluation is projected to take {projected:.0f}s, over EVAL_MAX_SECONDS="
-            f"{h.eval_max_seconds:.0f}; raise EVAL_STRIDE or TTT_CHUNK_TOKENS, or lower TTT_EPOCHS or SLOT_STEPS")
+            f"{h.eval_max_seconds:.0f}; raise EVAL_STRIDE, TTT_CHUNK_TOKENS or LORA_CHUNK, or lower TTT_EPOCHS or SLOT_STEPS")
     passes = eval_passes(h)
     t_start = time.perf_counter()
     hints = ngram_tilt(h, rt, val) if h.ngram_order else None
