@@ -495,7 +495,7 @@ PRESETS: dict[str, dict] = {
         num_layers=4, model_dim=128, num_heads=4, num_kv_heads=2, bigram_buckets=lambda h: h.bigram_buckets and 2048,
         bigram_dim=32, ve_dim=lambda h: h.ve_dim and 32, xsa_last_n=4, ema_decay=0.95,
         swa_every=lambda h: h.swa_every and 10, eval_stride=128, loop_start=1, loop_end=2,
-        ttt_epochs=lambda h: h.ttt_epochs if h.lora_ttt else 0, ttt_seq_len=256, lora_chunk=128, lora_docs_per_batch=16,
+        ttt_epochs=lambda h: h.ttt_epochs if h.lora_ttt else 0, ttt_seq_len=256, lora_chunk=256, lora_docs_per_batch=8,
         lora_prefix_docs=50,
         parallel_start=lambda h: h.parallel_start and 3,
         quant_min_numel=4096, calib_seqs=16, calib_len=256,  # small matrices are quantized too

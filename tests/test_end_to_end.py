@@ -27,9 +27,11 @@ def tiny_run_env(data_path, **extra):
                    CALIB_SEQS="4", CALIB_LEN="32", OMP_NUM_THREADS="1", EVAL_PASSES="plain"), **extra}
 
 
-# The frontier at test size on sp1024 data: 4 layers, 1..2 looped from step 3 of 6, lanes from layer 3.
+# The frontier at test size on sp1024 data: 4 layers, 1..2 looped from step 3 of 6, lanes from layer 3, scored
+# by sliding windows through the n-gram tilt. (LoRA TTT's ranks carry their own adapters from batch to batch,
+# so its score depends on the world size by design; tests/test_lora_ttt.py checks 2 ranks = 1 at LORA_LR=0.)
 FRONTIER = dict(PRESET="frontier", VOCAB_SIZE="1024", NUM_LAYERS="4", LOOP_START="1", LOOP_END="2",
-                PARALLEL_START="3")
+                PARALLEL_START="3", LORA_TTT="0", TTT_EPOCHS="0")
 
 
 @pytest.mark.parametrize("parallel_muon,extra", [("1", {}), ("0", {}), ("1", FRONTIER)], ids=["parallel", "plain",
@@ -49,9 +51,14 @@ def test_two_gloo_processes_follow_the_single_process_trajectory(small_data, tmp
     assert [s for s, _ in one] == [s for s, _ in two] == [str(i) for i in range(1, 7)]
     for (_, a), (_, b) in zip(one, two):
         assert float(a) == pytest.approx(float(b), abs=2e-4)  # logged with 4 decimals
+    averaged = re.compile(r"^final_weights:\S+ .*val_loss:([\d.]+)", re.M)
+    assert averaged.findall(single) == averaged.findall(double)  # the weights before export agree
+    # The frontier calibrates on training batches: each rank sums its own Hessians and the all-reduce adds them
+    # in another order than one process does, so GPTQ (and LQER's top-k) may round a few codes the other way.
+    rel = 1e-4 if extra else 1e-5
     (loss1, bpb1), (loss2, bpb2) = FINAL.findall(single)[0], FINAL.findall(double)[0]
-    assert float(loss1) == pytest.approx(float(loss2), rel=1e-5)
-    assert float(bpb1) == pytest.approx(float(bpb2), rel=1e-5)
+    assert float(loss1) == pytest.approx(float(loss2), rel=rel)
+    assert float(bpb1) == pytest.approx(float(bpb2), rel=rel)
 
 
 def test_smoke_preset_runs_end_to_end(tmp_path):

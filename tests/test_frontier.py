@@ -10,7 +10,7 @@ from conftest import tg
 # A small model with every frontier technique on: 6 layers, 1..2 looped twice more, lanes from layer 5.
 SMALL_FRONTIER = dict(preset="frontier", num_layers=6, model_dim=64, num_heads=4, num_kv_heads=2, loop_start=1,
                       loop_end=2, parallel_start=5, train_seq_len=32, eval_seq_len=32, train_batch_tokens=256,
-                      grad_accum_steps=1, compile=0, device="cpu", doc_mask=0)
+                      grad_accum_steps=1, compile=0, device="cpu", doc_mask=0, lora_chunk=16)
 
 
 def small(make_settings, **env):

@@ -98,7 +98,7 @@ def test_schedules(make_settings):
 
 # The frontier's model at tiny size: looped layers (a cache per pass), lanes, windowed SmearGate, gates.
 FRONTIER_TINY = dict(preset="frontier", vocab_size=1024, num_layers=4, loop_start=1, loop_end=2, parallel_start=3,
-                     smear_doc_reset=1)
+                     smear_doc_reset=1, lora_chunk=16)
 
 
 @pytest.mark.parametrize("extra,looping", [({}, False), (dict(attn_gate=1, value_residual=1, num_kv_heads=4, xsa_last_n=1),
