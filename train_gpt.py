@@ -512,8 +512,8 @@ PRESETS: dict[str, dict] = {
     # 0.5 s for 6.9 s of Hessians; we keep 8), LQER on the 3 worst tensors (rank 4, int2/int4 factors, groups
     # of 32), gates fp16, per-group compression (lrzip ZPAQ where installed; the record: lrzip always).
     # Differences, by what it computes: its SmearGate runs across BOS (SMEAR_DOC_RESET=1 gives the "BOS fix"
-    # its README claims); its AsymLogit scales are never trained (ours learn from 30 like any scalar); its
-    # lane lambdas exist for all 11 layers (ours for the 3 that use them: 48 fewer parameters, 35,945,625);
+    # its README claims); its AsymLogit scales are never trained (ours learn from 30 at SCALAR_LR, without
+    # decay); its lane lambdas exist for all 11 layers (ours for the 3 that use them: 48 fewer, 35,945,625);
     # its training rows are 98,304-token packed rows cut at BOS and at 2,048 (ours: 48 rows of 2,048, cut
     # at BOS); its clip is on each rank's gradient before the all-reduce (ours: on the mean).
     # Eval at 2,560: phased LoRA TTT (rank 80, alpha 144, Q/V/O/MLP/head adapters per layer run, AdamW lr 8e-5
@@ -1633,10 +1633,14 @@ def build_optimizers(h: Settings, rt: Runtime, model: GPT) -> list[torch.optim.O
     tables = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
     rest = [p for p in model.parameters() if all(p is not t for t in tables)]
     matrices = [p for p in rest if p.ndim == 2 and min(p.shape) >= 64]
-    scalars = [p for p in rest if all(p is not m for m in matrices)]
+    # AsymLogit's caps are scales of the logits, not weights: decay would shrink them from 30 step by step.
+    caps = [model.softcap_pos, model.softcap_neg] if model.asym else []
+    scalars = [p for p in rest if all(p is not m for m in matrices + caps)]
     adam_groups = [dict(params=tables, lr=h.tied_embed_lr, base_lr=h.tied_embed_lr, weight_decay=h.embed_wd)]
     if scalars:
         adam_groups.append(dict(params=scalars, lr=h.scalar_lr, base_lr=h.scalar_lr))
+    if caps:
+        adam_groups.append(dict(params=caps, lr=h.scalar_lr, base_lr=h.scalar_lr, weight_decay=0.0))
     adam = torch.optim.AdamW(adam_groups, betas=(h.beta1, h.beta2), eps=h.adam_eps, weight_decay=h.adam_wd,
                              fused=rt.device.type == "cuda")
     muon = Muon(matrices, lr=h.matrix_lr, momentum=h.muon_momentum, backend_steps=h.muon_backend_steps,

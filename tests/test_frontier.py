@@ -243,3 +243,18 @@ def test_bad_frontier_settings_fail_with_one_line(make_settings, setting, value)
     with pytest.raises(tg.SettingsError) as e:
         make_settings(preset="frontier", **{setting: value})
     assert "\n" not in str(e.value) and setting.upper() in str(e.value)
+
+
+def test_asym_logit_caps_learn_without_weight_decay(make_settings):
+    """The caps are in the scalar AdamW at SCALAR_LR but never decay: with zero gradient they stay at 30."""
+    h = make_settings(**SMALL_FRONTIER)
+    model = tg.GPT(h)
+    adam = tg.build_optimizers(h, tg.Runtime(), model)[0]
+    group = next(g for g in adam.param_groups if any(p is model.softcap_pos for p in g["params"]))
+    assert group["weight_decay"] == 0.0 and group["lr"] == h.scalar_lr and len(group["params"]) == 2
+    assert all(g["weight_decay"] > 0 for g in adam.param_groups if g is not group)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    for _ in range(10):
+        adam.step()
+    assert model.softcap_pos.item() == model.softcap_neg.item() == 30.0
