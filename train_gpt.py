@@ -3732,6 +3732,13 @@ def warm_lora_graphs(h: Settings, rt: Runtime, model: GPT, g: torch.Generator) -
         p.requires_grad_(grad)
 
 
+def log_score(label: str, result: tuple[float, float, int, int], t0: float, detail: str = "") -> None:
+    """A final pass's two lines: rounded with its time, and exact with what it scored."""
+    loss, bpb, tokens, nbytes = result
+    log(f"{label} val_loss:{loss:.4f} val_bpb:{bpb:.4f}{detail} eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
+    log(f"{label}_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} scored_tokens:{tokens} scored_bytes:{nbytes}")
+
+
 def final_evaluation(h: Settings, rt: Runtime, model: GPT, val: ValData, tag: str) -> None:
     """Score the artifact's model: the passes of eval_passes(), the last of which is the score.
     EVAL_DUMP records the last pass. With TTT its frozen tensors stay frozen in every pass, so that
@@ -3753,32 +3760,18 @@ def final_evaluation(h: Settings, rt: Runtime, model: GPT, val: ValData, tag: st
         dump = h.eval_dump if name == passes[-1] else ""
         t0 = time.perf_counter()
         if name == "plain":
-            loss, bpb, tokens, nbytes = evaluate(h, rt, model, val, dump=dump, hints=hints)
-            log(f"final_{tag}_roundtrip val_loss:{loss:.4f} val_bpb:{bpb:.4f} "
-                f"eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
-            log(f"final_{tag}_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} "
-                f"scored_tokens:{tokens} scored_bytes:{nbytes}")
+            log_score(f"final_{tag}_roundtrip", evaluate(h, rt, model, val, dump=dump, hints=hints), t0)
         elif name == "sliding":
-            loss, bpb, tokens, nbytes = evaluate(h, rt, model, val, stride=h.eval_stride, slot=h.slot_steps > 0,
-                                                 dump=dump, hints=hints)
+            result = evaluate(h, rt, model, val, stride=h.eval_stride, slot=h.slot_steps > 0, dump=dump, hints=hints)
             extra = f" slot_steps:{h.slot_steps} slot_context:{h.slot_context}" if h.slot_steps else ""
-            log(f"final_{tag}_sliding_window val_loss:{loss:.4f} val_bpb:{bpb:.4f} stride:{h.eval_stride}{extra} "
-                f"eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
-            log(f"final_{tag}_sliding_window_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} "
-                f"scored_tokens:{tokens} scored_bytes:{nbytes}")
+            log_score(f"final_{tag}_sliding_window", result, t0, f" stride:{h.eval_stride}{extra}")
         elif name == "lora_ttt":
-            loss, bpb, tokens, nbytes = evaluate_lora_ttt(h, rt, model, val, dump=dump, hints=hints)
-            log(f"legal_lora_ttt val_loss:{loss:.4f} val_bpb:{bpb:.4f} "
-                f"eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
-            log(f"legal_lora_ttt_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} scored_tokens:{tokens} "
-                f"scored_bytes:{nbytes}")
+            log_score("legal_lora_ttt", evaluate_lora_ttt(h, rt, model, val, dump=dump, hints=hints), t0)
         else:
-            label = "legal_qttt" if h.ttt_params == "q" else "legal_ttt"
             log(f"ttt_sliding:start chunks={math.ceil(n_targets / h.ttt_chunk_tokens)} "
                 f"stride={h.eval_stride or h.eval_seq_len} epochs={h.ttt_epochs} lr={h.ttt_lr} params={h.ttt_params}")
-            loss, bpb, tokens, nbytes = evaluate_ttt(h, rt, model, val, dump=dump, hints=hints)
-            log(f"{label} val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
-            log(f"{label}_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} scored_tokens:{tokens} scored_bytes:{nbytes}")
+            log_score("legal_qttt" if h.ttt_params == "q" else "legal_ttt",
+                      evaluate_ttt(h, rt, model, val, dump=dump, hints=hints), t0)
     for p in model.parameters():
         p.requires_grad_(True)
     log(f"total_eval_time:{time.perf_counter() - t_start:.1f}s compile_warmup:{warm_s:.1f}s")

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import ROOT, load_module
+from common import ROOT, load_module, make_data
 
 SAMPLE = ROOT / "data" / "sample" / "fineweb_sp8192_caseops"
 ROWS = {"smoke (defaults)": "caseops,smoke", "frontier,smoke": "frontier,smoke"}
@@ -41,20 +41,6 @@ def settings(tg, preset: str, **overrides):
         for k in ["PRESET", *(k.upper() for k in overrides)]:
             os.environ.pop(k, None)
         os.environ.update(saved)
-
-
-def make_data(tg, make_shards, folder: Path, val_tokens: int) -> int:
-    """The sample's train shards (links) and its val (and byte sidecar) cut at the last BOS within val_tokens."""
-    folder.mkdir(parents=True)
-    for shard in sorted(SAMPLE.glob("fineweb_train_*.bin")):
-        (folder / shard.name).symlink_to(shard)
-    val = tg.read_shard(SAMPLE / "fineweb_val_000000.bin", 8192)
-    starts = (val[1:val_tokens + 1] == tg.BOS_ID).nonzero()[0]
-    cut = 1 + int(starts[-1]) if starts.size else min(val_tokens, len(val))
-    make_shards.write_shard(folder / "fineweb_val_000000.bin", val[:cut])
-    sidecar = tg.read_shard(SAMPLE / "fineweb_val_bytes_000000.bin", 65536)
-    make_shards.write_shard(folder / "fineweb_val_bytes_000000.bin", sidecar[:cut])
-    return cut
 
 
 def step_speed(tg, h, looping: bool, steps: int) -> float:
@@ -98,7 +84,7 @@ def main() -> None:
     print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, threads {torch.get_num_threads()}")
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
-        cut = make_data(tg, make_shards, data, val_tokens)
+        cut = make_data(tg, make_shards, SAMPLE, 8192, data, val_tokens)
         speed_rows = {"smoke (defaults)": ("caseops,smoke", False), "frontier,smoke before looping": ("frontier,smoke", False),
                       "frontier,smoke looping": ("frontier,smoke", True)}
         speeds: dict[str, list[float]] = {row: [] for row in speed_rows}

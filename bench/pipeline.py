@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, load_module
+from common import ROOT, load_module, make_data
 
 SAMPLE = ROOT / "data" / "sample" / "fineweb_sp1024"
 TOKENIZER = ROOT / "data" / "tokenizers" / "fineweb_1024_bpe.model"
@@ -130,19 +130,6 @@ def env_number(name: str, default: str, kind=float, minimum: float = 1):
     if value is None or not minimum <= value < float("inf"):
         sys.exit(f"error: {name}={raw!r} must be {'an integer' if kind is int else 'a number'} >= {minimum}")
     return value
-
-
-def make_data(tg, make_shards, folder: Path, val_tokens: int) -> int:
-    """DATA_PATH with the sample's train shards (links) and its val cut at the last document start (BOS)
-    within its first val_tokens tokens; returns the tokens kept."""
-    folder.mkdir(parents=True)
-    for shard in sorted(SAMPLE.glob("fineweb_train_*.bin")):
-        (folder / shard.name).symlink_to(shard)
-    val = tg.read_shard(SAMPLE / "fineweb_val_000000.bin", 1024)
-    starts = (val[1:val_tokens + 1] == tg.BOS_ID).nonzero()[0]
-    cut = 1 + int(starts[-1]) if starts.size else min(val_tokens, len(val))
-    make_shards.write_shard(folder / "fineweb_val_000000.bin", val[:cut])
-    return cut
 
 
 def run_row(logs_mod, name: str, env: dict[str, str], logs: Path) -> dict:
@@ -318,7 +305,7 @@ def main() -> None:
 
     records: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="bench_pipeline_") as tmp:
-        cut = make_data(tg, make_shards, Path(tmp) / "data", val_tokens)
+        cut = make_data(tg, make_shards, SAMPLE, 1024, Path(tmp) / "data", val_tokens)
         head = header(tg, seconds, seeds, cut)
         for i in range(seeds):
             for name in order:
